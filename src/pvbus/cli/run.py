@@ -1,0 +1,9 @@
+"""pvbus run (placeholder)."""
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("run")
+    p.set_defaults(handler=lambda a: 0)

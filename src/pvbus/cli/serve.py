@@ -1,0 +1,9 @@
+"""pvbus serve (placeholder)."""
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("serve")
+    p.set_defaults(handler=lambda a: 0)
