@@ -1,0 +1,329 @@
+"""The guest image: a Debian kernel (bzImage) plus a busybox initramfs that runs one command.
+
+``build_guest`` downloads ``linux-image-amd64`` (resolved to its concrete package) and
+``busybox-static`` with ``apt-get download``, extracts them with ``dpkg-deb -x`` and writes
+``vmlinuz`` + ``initramfs.img`` into a cache directory keyed by the kernel version and a hash
+of everything that goes into the initramfs, so a second build is instant.
+
+Guest protocol (see ``INIT_SCRIPT``): the runner appends a small cpio archive holding
+``/pvbus/cmd`` (a ``sh -c`` script) and ``/pvbus/marker``; ``/init`` runs the command with
+stdout and stderr on the virtio-serial port named ``org.pvbus.out``, then writes
+``<marker> <status>\\n`` on that port and powers off. The kernel console (ttyS0) is only for
+diagnostics.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pvbus.vm._cpio import CpioWriter
+from pvbus.vm._modules import ModuleIndex, decompress_module
+
+__all__ = [
+    "DEFAULT_SUITE",
+    "GUEST_MODULES",
+    "INIT_SCRIPT",
+    "OUTPUT_PORT",
+    "SUITES",
+    "GuestBuildError",
+    "GuestImage",
+    "build_guest",
+    "cache_root",
+    "command_archive",
+    "default_guest",
+    "resolve_kernel_package",
+]
+
+#: Debian suites a kernel can come from.
+SUITES = ("bookworm-backports", "bookworm")
+DEFAULT_SUITE = "bookworm-backports"
+
+#: Name of the virtio-serial port that carries the command's output and status.
+OUTPUT_PORT = "org.pvbus.out"
+
+#: Modules the guest loads (with their dependencies); built-ins are skipped.
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+    "crc32c_generic",
+    "ext4",
+)
+
+#: Bump when the layout of the built image changes.
+_BUILD_VERSION = 1
+
+Progress = Callable[[str], None]
+
+INIT_SCRIPT = f"""#!/bin/sh
+# pvbus guest init: load virtio modules, run /pvbus/cmd, report its status, power off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm /tmp /run
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+while read -r mod; do
+  insmod "/lib/modules/$mod" || echo "pvbus-init: insmod $mod failed"
+done < /pvbus/modules
+hostname pvbus
+ip link set lo up 2>/dev/null
+out=""
+i=0
+while [ -z "$out" ] && [ $i -lt 500 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = "{OUTPUT_PORT}" ] && out="/dev/${{p##*/}}"
+  done
+  [ -z "$out" ] && usleep 10000
+  i=$((i + 1))
+done
+if [ -z "$out" ] || [ ! -f /pvbus/cmd ]; then
+  echo "pvbus-init: no output port or no command"
+  poweroff -f
+fi
+echo "pvbus-init: running command"
+exec 3>"$out"
+cd /root
+sh /pvbus/cmd </dev/null >&3 2>&3
+rc=$?
+sync
+printf '%s %d\\n' "$(cat /pvbus/marker)" "$rc" >&3
+exec 3>&-
+poweroff -f
+"""
+
+
+class GuestBuildError(Exception):
+    """The guest image could not be built (apt, dpkg-deb or a missing module)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestImage:
+    """A built guest: a bzImage, its base initramfs and the kernel version."""
+
+    kernel: Path
+    initramfs: Path
+    kernel_version: str
+
+    def to_json(self) -> str:
+        """JSON for the cache's ``guest.json``."""
+        return json.dumps({k: str(v) for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> GuestImage:
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        return cls(Path(d["kernel"]), Path(d["initramfs"]), d["kernel_version"])
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/pvbus`` or ``~/.cache/pvbus``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pvbus"
+
+
+def _stderr(msg: str) -> None:
+    print(f"pvbus: {msg}", file=sys.stderr, flush=True)
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, quiet: bool = False) -> str:
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if quiet else None,
+            text=True,
+        )
+    except FileNotFoundError as err:
+        raise GuestBuildError(f"{argv[0]} not found (Debian's apt and dpkg are needed)") from err
+    if proc.returncode != 0:
+        detail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+        raise GuestBuildError(f"{' '.join(argv[:3])} failed: {' '.join(detail)}".rstrip(": "))
+    return proc.stdout
+
+
+def _depends_of(meta: str, suite: str) -> str | None:
+    out = _run(["apt-cache", "depends", "-t", suite, meta], quiet=True)
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:") and "linux-image-" in line:
+            return line.split(":", 1)[1].strip().strip("<>")
+    return None
+
+
+def resolve_kernel_package(suite: str = DEFAULT_SUITE, *, update: bool = True) -> str:
+    """The concrete ``linux-image-<version>-amd64`` behind ``linux-image-amd64`` in ``suite``.
+
+    Runs ``apt-get update`` once if the package lists do not know the suite (and ``update``).
+    """
+    if suite not in SUITES:
+        raise GuestBuildError(f"unknown kernel suite {suite!r} (choose from {', '.join(SUITES)})")
+    try:
+        pkg = _depends_of("linux-image-amd64", suite)
+    except GuestBuildError:
+        pkg = None
+    if pkg is None and update:
+        _stderr("package lists do not know the kernel; running apt-get update")
+        _run(["apt-get", "update", "-q"], quiet=True)
+        return resolve_kernel_package(suite, update=False)
+    if pkg is None:
+        raise GuestBuildError(f"cannot resolve linux-image-amd64 in {suite}")
+    return pkg
+
+
+def _download(pkg: str, suite: str | None, dest: Path, progress: Progress) -> Path:
+    """``apt-get download`` into ``dest`` (reusing a previous download) -> the .deb."""
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob(f"{pkg}_*.deb"))
+    if found:
+        return found[-1]
+    progress(f"downloading {pkg}")
+    argv = ["apt-get", "download"]
+    if os.geteuid() == 0:
+        argv += ["-o", "APT::Sandbox::User=root"]
+    if suite:
+        argv += ["-t", suite]
+    # The download directory must be writable by _apt or apt warns and downloads as root.
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".dl-") as tmp:
+        os.chmod(tmp, 0o777)
+        _run([*argv, pkg], cwd=Path(tmp))
+        debs = sorted(Path(tmp).glob("*.deb"))
+        if not debs:
+            raise GuestBuildError(f"apt-get download {pkg} produced no .deb")
+        final = dest / debs[0].name
+        debs[0].replace(final)
+    return final
+
+
+def _key(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _guest_dir(cache: Path, kernel_deb: str, busybox_deb: str, modules: Iterable[str]) -> Path:
+    key = _key(str(_BUILD_VERSION), INIT_SCRIPT, busybox_deb, *modules)
+    return cache / "guests" / f"{kernel_deb.removesuffix('.deb')}-{key}"
+
+
+def build_guest(
+    *,
+    suite: str = DEFAULT_SUITE,
+    cache_dir: Path | None = None,
+    modules: Iterable[str] = GUEST_MODULES,
+    progress: Progress | None = _stderr,
+    force: bool = False,
+) -> GuestImage:
+    """Build (or find in the cache) the guest for the newest kernel of ``suite``."""
+    say: Progress = progress or (lambda _msg: None)
+    cache = cache_dir or cache_root()
+    modules = tuple(modules)
+    pkg = resolve_kernel_package(suite)
+    debs = cache / "debs"
+    kernel_deb = _download(pkg, suite, debs, say)
+    busybox_deb = _download("busybox-static", None, debs, say)
+    gdir = _guest_dir(cache, kernel_deb.name, busybox_deb.name, modules)
+    meta = gdir / "guest.json"
+    if meta.exists() and not force:
+        return GuestImage.from_json(meta.read_text())
+    say(f"building guest in {gdir}")
+    gdir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=gdir.parent, prefix=".build-") as tmp_s:
+        tmp = Path(tmp_s)
+        say(f"extracting {kernel_deb.name}")
+        _run(["dpkg-deb", "-x", str(kernel_deb), str(tmp / "kernel")])
+        _run(["dpkg-deb", "-x", str(busybox_deb), str(tmp / "busybox")])
+        vmlinuz = sorted((tmp / "kernel" / "boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise GuestBuildError(f"{kernel_deb.name} has no /boot/vmlinuz-*")
+        version = vmlinuz[-1].name.removeprefix("vmlinuz-")
+        moddir = tmp / "kernel" / "lib" / "modules" / version
+        say(f"building initramfs for {version}")
+        image = _initramfs(tmp / "busybox" / "bin" / "busybox", moddir, modules)
+        out = tmp / "out"
+        out.mkdir()
+        shutil.copyfile(vmlinuz[-1], out / "vmlinuz")
+        (out / "initramfs.img").write_bytes(image)
+        config = tmp / "kernel" / "boot" / f"config-{version}"
+        if config.exists():
+            shutil.copyfile(config, out / "config")
+        guest = GuestImage(gdir / "vmlinuz", gdir / "initramfs.img", version)
+        (out / "guest.json").write_text(guest.to_json())
+        if gdir.exists():
+            shutil.rmtree(gdir)
+        out.replace(gdir)
+    say(f"guest ready: kernel {version}")
+    return guest
+
+
+def _busybox_applets(busybox: Path) -> list[str]:
+    out = _run([str(busybox), "--list-full"], quiet=True)
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
+    """The gzip'd base initramfs: busybox, ``/init`` and decompressed modules in load order."""
+    index = ModuleIndex.from_tree(moddir)
+    try:
+        ordered = index.resolve(modules)
+    except Exception as err:
+        raise GuestBuildError(str(err)) from err
+    cpio = CpioWriter()
+    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev"):
+        cpio.directory(d)
+    for d in ("tmp", "run", "root", "mnt", "lib", "lib/modules", "pvbus"):
+        cpio.directory(d)
+    cpio.char_device("dev/console", 5, 1)
+    cpio.char_device("dev/null", 1, 3, 0o666)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    for applet in _busybox_applets(busybox):
+        if applet != "bin/busybox":
+            depth = applet.count("/")
+            cpio.symlink(applet, "../" * depth + "bin/busybox")
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.file("etc/group", b"root:x:0:\n")
+    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    names: list[str] = []
+    for mod in ordered:
+        fname = f"{mod.name}.ko"
+        cpio.file(f"lib/modules/{fname}", decompress_module(mod.path))
+        names.append(fname)
+    cpio.file("pvbus/modules", "".join(f"{n}\n" for n in names).encode())
+    packed = gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
+    # Linux only looks for a following archive at a 4-byte aligned offset.
+    return packed + b"\0" * (-len(packed) % 512)
+
+
+def command_archive(command: str, marker: str) -> bytes:
+    """The per-run cpio appended to the base initramfs: ``/pvbus/cmd`` and ``/pvbus/marker``."""
+    cpio = CpioWriter()
+    cpio.directory("pvbus")
+    cpio.file("pvbus/cmd", command.encode() + b"\n", 0o755)
+    cpio.file("pvbus/marker", marker.encode())
+    return cpio.finish()
+
+
+def default_guest(
+    *, suite: str = DEFAULT_SUITE, cache_dir: Path | None = None, progress: Progress | None = None
+) -> GuestImage:
+    """The cached guest for ``suite``, built first if missing (quietly unless ``progress``)."""
+    return build_guest(suite=suite, cache_dir=cache_dir, progress=progress)
