@@ -1,0 +1,180 @@
+"""VM configuration and the QEMU command line built from it (pure: no processes started here).
+
+Guest RAM is a shared memfd so vhost-user backends can map it. Two transports:
+
+* ``pci``: ``q35`` (default) or ``pc``; devices ``*-pci``.
+* ``mmio``: ``microvm`` with qboot, no legacy PIT/PIC/RTC; devices ``*-device`` on
+  virtio-mmio, found by the guest through ACPI. The kernel needs ``tsc_early_khz`` since no
+  timer is left to calibrate the TSC against.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvbus.vm.guest import DEFAULT_SUITE, OUTPUT_PORT, SUITES
+
+__all__ = [
+    "DISK_BACKENDS",
+    "MACHINES",
+    "QBOOT",
+    "TRANSPORTS",
+    "DiskSpec",
+    "VmConfig",
+    "VmPaths",
+    "format_argv",
+    "host_tsc_khz",
+    "kernel_cmdline",
+    "qemu_argv",
+]
+
+TRANSPORTS = ("pci", "mmio")
+MACHINES = {"pci": ("q35", "pc"), "mmio": ("microvm",)}
+DISK_BACKENDS = ("pvbus", "qsd")
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+_MICROVM = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """One disk: an image file served by a vhost-user-blk backend."""
+
+    path: Path
+    read_only: bool = False
+    num_queues: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> DiskSpec:
+        """``FILE[,ro][,queues=N]`` as given to ``--disk``."""
+        path, *opts = text.split(",")
+        if not path:
+            raise ValueError(f"disk {text!r}: no file name")
+        read_only = False
+        queues = 1
+        for opt in opts:
+            if opt in ("ro", "readonly"):
+                read_only = True
+            elif opt == "rw":
+                read_only = False
+            elif opt.startswith("queues=") and opt[7:].isdigit() and int(opt[7:]) > 0:
+                queues = int(opt[7:])
+            else:
+                raise ValueError(f"disk {text!r}: unknown option {opt!r} (use ro, queues=N)")
+        return cls(Path(path), read_only, queues)
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    """Everything that shapes one VM; validated when built."""
+
+    transport: str = "pci"
+    machine: str | None = None
+    accel: str = "auto"
+    memory_mib: int = 512
+    cpus: int = 1
+    disks: tuple[DiskSpec, ...] = ()
+    disk_backend: str = "pvbus"
+    kernel_suite: str = DEFAULT_SUITE
+    kernel_args: tuple[str, ...] = ()
+    qemu: str = "qemu-system-x86_64"
+    extra_args: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r}")
+        if self.machine is not None and self.machine not in MACHINES[self.transport]:
+            allowed = ", ".join(MACHINES[self.transport])
+            raise ValueError(
+                f"machine {self.machine!r} does not fit transport {self.transport} ({allowed})"
+            )
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"unknown accelerator {self.accel!r}")
+        if self.memory_mib < 64:
+            raise ValueError("memory must be at least 64 MiB")
+        if not 1 <= self.cpus <= 64:
+            raise ValueError("cpus must be between 1 and 64")
+        if self.disk_backend not in DISK_BACKENDS:
+            raise ValueError(f"unknown disk backend {self.disk_backend!r}")
+        if self.kernel_suite not in SUITES:
+            raise ValueError(f"unknown kernel suite {self.kernel_suite!r}")
+
+    @property
+    def machine_type(self) -> str:
+        """The machine actually used (default: q35 for pci, microvm for mmio)."""
+        return self.machine or MACHINES[self.transport][0]
+
+
+@dataclass(frozen=True, slots=True)
+class VmPaths:
+    """Files of one VM run: guest images in, sockets and logs out."""
+
+    kernel: Path
+    initrd: Path
+    console_log: Path
+    output_socket: Path
+    qmp_socket: Path
+    disk_sockets: tuple[Path, ...] = ()
+
+
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
+    """The host TSC rate in kHz, from the first ``cpu MHz`` line (0 if unknown)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz":
+                return round(float(value) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def kernel_cmdline(config: VmConfig, tsc_khz: int = 0) -> str:
+    """Kernel command line: console on ttyS0, no reboot on panic, quiet-ish."""
+    args = ["console=ttyS0", "panic=-1", "loglevel=4", "rdinit=/init"]
+    if config.transport == "mmio":
+        if tsc_khz > 0:
+            args.append(f"tsc_early_khz={tsc_khz}")
+        args.append("reboot=t")
+    args.extend(config.kernel_args)
+    return " ".join(args)
+
+
+def _device(config: VmConfig, pci: str, mmio: str) -> str:
+    return mmio if config.transport == "mmio" else pci
+
+
+def qemu_argv(config: VmConfig, paths: VmPaths, accel: str, tsc_khz: int = 0) -> list[str]:
+    """The full QEMU command line; ``accel`` is the resolved ``kvm`` or ``tcg``."""
+    if len(paths.disk_sockets) != len(config.disks):
+        raise ValueError("one socket per disk is needed")
+    mem = f"{config.memory_mib}M"
+    machine = config.machine_type
+    machine_opts = _MICROVM if machine == "microvm" else machine
+    argv = [config.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    argv += ["-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
+    argv += ["-m", mem, "-smp", str(config.cpus)]
+    argv += ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
+    argv += ["-machine", f"{machine_opts},memory-backend=mem"]
+    if machine == "microvm":
+        argv += ["-bios", str(QBOOT), "-global", "virtio-mmio.force-legacy=false"]
+    argv += ["-kernel", str(paths.kernel), "-initrd", str(paths.initrd)]
+    argv += ["-append", kernel_cmdline(config, tsc_khz)]
+    argv += ["-chardev", f"file,id=console,path={paths.console_log}", "-serial", "chardev:console"]
+    argv += ["-device", _device(config, "virtio-serial-pci", "virtio-serial-device") + ",id=vser"]
+    argv += ["-chardev", f"socket,id=pvbusout,path={paths.output_socket}"]
+    argv += ["-device", f"virtserialport,bus=vser.0,chardev=pvbusout,name={OUTPUT_PORT}"]
+    blk = _device(config, "vhost-user-blk-pci", "vhost-user-blk")
+    for i, (disk, sock) in enumerate(zip(config.disks, paths.disk_sockets, strict=True)):
+        argv += ["-chardev", f"socket,id=disk{i},path={sock}"]
+        argv += ["-device", f"{blk},id=vdisk{i},chardev=disk{i},num-queues={disk.num_queues}"]
+    argv += ["-qmp", f"unix:{paths.qmp_socket},server=on,wait=off"]
+    argv += list(config.extra_args)
+    return argv
+
+
+def format_argv(argv: list[str]) -> str:
+    """A shell-quoted command line, for logs."""
+    return shlex.join(argv)

@@ -1,0 +1,351 @@
+"""Run a command in a throw-away guest: backends + QEMU + output port, as :class:`Vm`.
+
+The command's output arrives on a virtio-serial port (``org.pvbus.out``) that QEMU connects
+to a unix socket this module listens on; it is passed on live and ends with a per-run random
+marker followed by the exit status. The kernel console goes to ``console.log`` and is only
+read to explain failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import re
+import secrets
+import select
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from pvbus.vm.accel import choose_accel
+from pvbus.vm.backends import Backend, BackendError, start_backend
+from pvbus.vm.guest import GuestImage, command_archive, default_guest
+from pvbus.vm.qemu import VmConfig, VmPaths, host_tsc_khz, qemu_argv
+
+__all__ = [
+    "CommandTimeoutError",
+    "GuestBootError",
+    "RunResult",
+    "Vm",
+    "VmError",
+    "VmState",
+    "command_script",
+    "run_command",
+]
+
+log = logging.getLogger(__name__)
+
+#: What ``/init`` prints on the console right before it starts the command.
+INIT_READY = b"pvbus-init: running command"
+
+OutputSink = Callable[[bytes], None]
+
+
+class VmError(Exception):
+    """The VM could not run the command; the message is one line a person can act on."""
+
+
+class GuestBootError(VmError):
+    """The guest did not reach its init; ``console_tail`` shows how far it got."""
+
+    def __init__(self, message: str, console_tail: str) -> None:
+        super().__init__(message)
+        self.console_tail = console_tail
+
+
+class CommandTimeoutError(VmError):
+    """The command did not finish in time (partial output is in ``output``)."""
+
+    def __init__(self, message: str, output: bytes) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The command's combined stdout+stderr, exit status and timings in seconds."""
+
+    output: bytes
+    status: int
+    elapsed: float
+    boot_seconds: float | None = None
+
+
+class VmState(enum.Enum):
+    """Lifecycle of a :class:`Vm`."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+def command_script(argv: Sequence[str]) -> str:
+    """The ``sh -c`` script for ``argv``: one word is a script, more are quoted as a command."""
+    if not argv:
+        raise ValueError("no command given")
+    return argv[0] if len(argv) == 1 else shlex.join(argv)
+
+
+class _MarkerStream:
+    """Splits the port's byte stream into output and the trailing ``<marker> <status>``."""
+
+    def __init__(self, marker: bytes, sink: OutputSink | None) -> None:
+        self._marker = marker
+        self._sink = sink
+        self._pending = b""
+        self.output = bytearray()
+        self.status: int | None = None
+        self._pattern = re.compile(re.escape(marker) + rb" (-?\d+)\n")
+
+    def feed(self, data: bytes) -> None:
+        if self.status is not None:
+            return
+        self._pending += data
+        idx = self._pending.find(self._marker)
+        if idx >= 0:
+            self._emit(self._pending[:idx])
+            self._pending = self._pending[idx:]
+            m = self._pattern.match(self._pending)
+            if m:
+                self.status = int(m.group(1))
+            return
+        keep = len(self._marker) - 1
+        if len(self._pending) > keep:
+            self._emit(self._pending[: len(self._pending) - keep])
+            self._pending = self._pending[len(self._pending) - keep :]
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.output += data
+            if self._sink is not None:
+                self._sink(data)
+
+
+class Vm:
+    """One QEMU guest with pvbus (or qsd) disks, running one command then powering off.
+
+    Use as a context manager, or :meth:`start` then :meth:`wait` and always :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        config: VmConfig,
+        command: str,
+        *,
+        guest: GuestImage | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.command = command
+        self._guest = guest
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pvbus-vm-"))
+        self.state = VmState.CREATED
+        self._marker = "PVBUS-EXIT-" + secrets.token_hex(12)
+        self._backends: list[Backend] = []
+        self._qemu: subprocess.Popen[bytes] | None = None
+        self._listener: socket.socket | None = None
+        self._started = 0.0
+        self.accel = ""
+
+    @property
+    def qmp_socket(self) -> Path:
+        """QMP server socket of the running QEMU (``qemu.qmp`` can connect to it)."""
+        return self.workdir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        """The guest's kernel console (ttyS0)."""
+        return self.workdir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's own stdout and stderr."""
+        return self.workdir / "qemu.log"
+
+    def console_tail(self, lines: int = 15) -> str:
+        """The last lines of the kernel console."""
+        try:
+            text = self.console_log.read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def _booted(self) -> bool:
+        try:
+            return INIT_READY in self.console_log.read_bytes()
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        """Start the disk backends, then QEMU; returns once QEMU runs."""
+        if self.state is not VmState.CREATED:
+            raise VmError(f"cannot start a VM that is {self.state.value}")
+        qemu = shutil.which(self.config.qemu)
+        if qemu is None:
+            raise VmError(f"{self.config.qemu} not found (install qemu-system-x86)")
+        for disk in self.config.disks:
+            if not disk.path.is_file():
+                raise VmError(f"disk image {disk.path} does not exist")
+        self.state = VmState.RUNNING
+        guest = self._guest or default_guest(suite=self.config.kernel_suite)
+        accel = choose_accel(self.config.accel)
+        self.accel = accel.name
+        log.info("accelerator %s (%s)", accel.name, accel.reason)
+        initrd = self.workdir / "initrd.img"
+        base = guest.initramfs.read_bytes()
+        base += b"\0" * (-len(base) % 4)
+        initrd.write_bytes(base + command_archive(self.command, self._marker))
+        sockets: list[Path] = []
+        for i, disk in enumerate(self.config.disks):
+            sock = self.workdir / f"disk{i}.sock"
+            try:
+                backend = start_backend(
+                    self.config.disk_backend, disk, sock, self.workdir / f"disk{i}.log"
+                )
+            except BackendError as err:
+                raise VmError(str(err)) from err
+            self._backends.append(backend)
+            sockets.append(sock)
+        out_sock = self.workdir / "out.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(out_sock))
+        self._listener.listen(1)
+        paths = VmPaths(
+            kernel=guest.kernel,
+            initrd=initrd,
+            console_log=self.console_log,
+            output_socket=out_sock,
+            qmp_socket=self.qmp_socket,
+            disk_sockets=tuple(sockets),
+        )
+        argv = qemu_argv(self.config, paths, accel.name, host_tsc_khz())
+        log.debug("qemu: %s", shlex.join(argv))
+        self._started = time.monotonic()
+        with self.qemu_log.open("wb") as qlog:
+            self._qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+
+    def wait(self, timeout: float | None = None, on_output: OutputSink | None = None) -> RunResult:
+        """Pass output to ``on_output`` as it arrives; return once the status is known."""
+        if self._qemu is None or self._listener is None:
+            raise VmError("VM not started")
+        stream = _MarkerStream(self._marker.encode(), on_output)
+        deadline = None if timeout is None else self._started + timeout
+        conn: socket.socket | None = None
+        boot_seconds: float | None = None
+        try:
+            while stream.status is None:
+                now = time.monotonic()
+                if boot_seconds is None and self._booted():
+                    boot_seconds = now - self._started
+                if deadline is not None and now >= deadline:
+                    self._timeout(timeout or 0.0, bytes(stream.output))
+                if self._qemu.poll() is not None and conn is None:
+                    self._died(bytes(stream.output))
+                wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
+                watched: list[socket.socket] = [conn or self._listener]
+                ready, _, _ = select.select(watched, [], [], wait)
+                if not ready:
+                    continue
+                if conn is None:
+                    conn, _ = self._listener.accept()
+                    continue
+                data = conn.recv(65536)
+                if not data:
+                    self._qemu.wait()
+                    self._died(bytes(stream.output))
+                stream.feed(data)
+        finally:
+            if conn is not None:
+                conn.close()
+        elapsed = time.monotonic() - self._started
+        try:
+            self._qemu.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("guest did not power off; stopping QEMU")
+        if boot_seconds is None and self._booted():
+            boot_seconds = elapsed
+        return RunResult(bytes(stream.output), stream.status, elapsed, boot_seconds)
+
+    def _qemu_error(self) -> str:
+        try:
+            lines = self.qemu_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _died(self, output: bytes) -> None:
+        rc = self._qemu.returncode if self._qemu else None
+        if not self._booted():
+            err = self._qemu_error()
+            if err and rc:
+                raise VmError(f"QEMU failed ({rc}): {err}")
+            raise GuestBootError("guest failed to boot", self.console_tail())
+        raise VmError("guest stopped before reporting the command's status")
+
+    def _timeout(self, timeout: float, output: bytes) -> None:
+        if not self._booted():
+            raise GuestBootError(
+                f"guest did not boot within {timeout:g} s (accel {self.accel})",
+                self.console_tail(),
+            )
+        raise CommandTimeoutError(f"command timed out after {timeout:g} s", output)
+
+    def stop(self) -> None:
+        """Stop QEMU and the backends, and remove the work directory if it is ours."""
+        if self._qemu is not None and self._qemu.poll() is None:
+            self._qemu.terminate()
+            try:
+                self._qemu.wait(5)
+            except subprocess.TimeoutExpired:
+                self._qemu.kill()
+                self._qemu.wait()
+        for backend in self._backends:
+            status = backend.stop()
+            if status not in (0, None, -15):
+                log.warning("backend for %s exited with %s", backend.disk.path, status)
+        self._backends.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.state = VmState.STOPPED
+
+    def __enter__(self) -> Vm:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def run_command(
+    config: VmConfig,
+    argv: Sequence[str],
+    timeout: float | None = None,
+    *,
+    on_output: OutputSink | None = None,
+    guest: GuestImage | None = None,
+) -> RunResult:
+    """Boot a guest for ``config``, run ``argv`` in it and return its output and status."""
+    vm = Vm(config, command_script(argv), guest=guest)
+    try:
+        vm.start()
+        return vm.wait(timeout, on_output)
+    finally:
+        with contextlib.suppress(Exception):
+            vm.stop()
