@@ -1,0 +1,115 @@
+"""The one small interface every device model implements (VIRTIO 1.2 chapters 2 and 5).
+
+A device knows guest memory, its virtqueues and an interrupt trigger, and nothing of the
+transport that renders it (PCI, MMIO, CCW) or of vhost-user. The transport sets ``mem``,
+``queues`` and ``interrupt``, calls :meth:`VirtioDevice.process` when the driver kicks a queue,
+and resets the device as a template method: :meth:`reset` clears the common state and calls
+:meth:`reset_device` for the device's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from pvbus.virtio.constants import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
+from pvbus.virtio.memory import GuestMemory
+from pvbus.virtio.split import SplitQueue
+
+#: Ring features every pvbus device offers (sections 2.7.5.3, 2.7.10, 6).
+COMMON_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
+
+
+def _no_interrupt(index: int) -> None:
+    """The interrupt trigger of a device no transport has activated."""
+
+
+class VirtioDevice:
+    """Base class of device models.
+
+    Subclasses set :attr:`device_id`, usually ``num_queues`` in ``__init__``, and override
+    :meth:`device_features`, :meth:`read_config` and :meth:`process`; everything else has a
+    default.
+    """
+
+    device_id: ClassVar[int]
+    #: Name used by the CLI and the bus ("blk", "net", ...).
+    name: ClassVar[str] = "device"
+
+    def __init__(self, num_queues: int = 1, max_queue_size: int = 1024) -> None:
+        self.num_queues = num_queues
+        self.max_queue_size = max_queue_size
+        self.mem = GuestMemory()
+        self.queues = [SplitQueue(max_queue_size) for _ in range(num_queues)]
+        self.interrupt: Callable[[int], None] = _no_interrupt
+        self.acked_features = 0
+
+    # -- what the device offers -------------------------------------------------------------
+
+    def device_features(self) -> int:
+        """Feature bits offered, including the ring features (:data:`COMMON_FEATURES`)."""
+        return COMMON_FEATURES
+
+    def read_config(self) -> bytes:
+        """The device configuration space (section 2.5), little-endian per the device type."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote ``data`` at ``offset`` of the config space; ignored by default."""
+
+    def set_features(self, features: int) -> None:
+        """The driver acknowledged ``features`` (a subset of :meth:`device_features`)."""
+        self.acked_features = features
+        event_idx = bool(features & bit(F_EVENT_IDX))
+        for queue in self.queues:
+            queue.event_idx = event_idx
+
+    # -- the data path ----------------------------------------------------------------------
+
+    def process(self, index: int) -> None:
+        """The driver kicked queue ``index``: handle what it made available.
+
+        A :class:`~pvbus.virtio.QueueError` raised here makes the transport set
+        DEVICE_NEEDS_RESET and stop the queue.
+        """
+
+    def queue_started(self, index: int) -> None:
+        """Queue ``index`` became ready (a device with receive queues may start filling it)."""
+
+    def queue_stopped(self, index: int) -> None:
+        """Queue ``index`` stopped; the device must not touch it again until restarted."""
+
+    def signal(self, index: int) -> None:
+        """Interrupt the driver for queue ``index`` if it asked for one (section 2.7.10)."""
+        if self.queues[index].needs_notification(self.mem):
+            self.interrupt(index)
+
+    def drain(self, index: int, handle: Callable[[SplitQueue, GuestMemory], int]) -> None:
+        """Process queue ``index`` with kicks suppressed until it is empty, then signal once.
+
+        ``handle`` pops and completes what is available and returns how many it completed.
+        The re-check after re-enabling kicks closes the race with a driver that added a chain
+        while kicks were off (section 2.7.10).
+        """
+        queue = self.queues[index]
+        mem = self.mem
+        done = 0
+        while True:
+            queue.set_notification(mem, False)
+            done += handle(queue, mem)
+            if not queue.set_notification(mem, True):
+                break
+        if done:
+            self.signal(index)
+
+    # -- reset ------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Device reset (section 2.1.2): common state, then :meth:`reset_device`."""
+        self.acked_features = 0
+        for queue in self.queues:
+            queue.reset()
+        self.reset_device()
+
+    def reset_device(self) -> None:
+        """Reset the device's own state; nothing by default."""

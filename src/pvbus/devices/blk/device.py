@@ -1,0 +1,383 @@
+"""virtio-blk (VIRTIO 1.2 section 5.2) over a raw image file or a block device.
+
+Data moves with ``preadv``/``pwritev`` straight between the backing file and views of guest
+memory: no intermediate copy. Every request is answered with a status byte; only a chain with
+no writable byte to put a status in is a ring error (the queue then needs a reset).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from pvbus.devices.base import COMMON_FEATURES, VirtioDevice
+from pvbus.virtio.constants import DeviceId, bit
+from pvbus.virtio.errors import GuestMemoryError, QueueError
+from pvbus.virtio.memory import GuestMemory
+from pvbus.virtio.split import Buffer, DescriptorChain, SplitQueue
+
+SECTOR = 512
+
+# Feature bits (section 5.2.3).
+F_SIZE_MAX = 1
+F_SEG_MAX = 2
+F_GEOMETRY = 4
+F_RO = 5
+F_BLK_SIZE = 6
+F_FLUSH = 9
+F_TOPOLOGY = 10
+F_CONFIG_WCE = 11
+F_MQ = 12
+F_DISCARD = 13
+F_WRITE_ZEROES = 14
+
+# Request types (section 5.2.6).
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+
+# Status values.
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+
+ID_BYTES = 20
+_HEADER = struct.Struct("<IIQ")
+_SEGMENT = struct.Struct("<QII")  # discard / write-zeroes segment: sector, num_sectors, flags
+_CONFIG = struct.Struct("<QII4xIBBHIBxHIIIIIB3x")
+WRITE_ZEROES_UNMAP = 1
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_BLKGETSIZE64 = 0x80081272
+_BLKDISCARD = 0x1277
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+@dataclass(frozen=True, slots=True)
+class BlkConfig:
+    """Validated configuration of one virtio-blk device."""
+
+    image: str
+    read_only: bool = False
+    num_queues: int = 1
+    queue_size: int = 256
+    serial: str = "pvbus"
+    logical_block_size: int = SECTOR
+    discard: bool = True
+    write_zeroes: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_queues <= 64:
+            raise ValueError(f"num-queues {self.num_queues} is not in 1..64")
+        qs = self.queue_size
+        if qs < 4 or qs > 32768 or qs & (qs - 1):
+            raise ValueError(f"queue-size {qs} is not a power of two in 4..32768")
+        if len(self.serial.encode()) > ID_BYTES:
+            raise ValueError(f"serial {self.serial!r} is longer than {ID_BYTES} bytes")
+        lbs = self.logical_block_size
+        if lbs < SECTOR or lbs > 65536 or lbs & (lbs - 1):
+            raise ValueError(f"logical block size {lbs} is not a power of two >= 512")
+
+
+def open_image(path: str, read_only: bool) -> tuple[int, int, bool]:
+    """Open a raw image or block device; return (fd, size in bytes, is a block device)."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as err:
+        raise ValueError(f"cannot open image {path}: {err.strerror}") from err
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = bytearray(8)
+        fcntl.ioctl(fd, _BLKGETSIZE64, buf)
+        size = int.from_bytes(buf, "little")
+        is_blk = True
+    elif stat.S_ISREG(st.st_mode):
+        size = st.st_size
+        is_blk = False
+    else:
+        os.close(fd)
+        raise ValueError(f"image {path} is neither a regular file nor a block device")
+    if size == 0 or size % SECTOR:
+        os.close(fd)
+        raise ValueError(f"image {path} is {size} bytes, not a non-zero multiple of {SECTOR}")
+    return fd, size, is_blk
+
+
+class BlockDevice(VirtioDevice):
+    """A virtio-blk device model."""
+
+    device_id = DeviceId.BLOCK
+    name = "blk"
+
+    def __init__(self, config: BlkConfig) -> None:
+        super().__init__(config.num_queues, config.queue_size)
+        self.config = config
+        self.fd, self.size, self.is_block_device = open_image(config.image, config.read_only)
+        self.capacity = self.size // SECTOR
+        self.seg_max = min(config.queue_size - 2, 1022)
+        self.size_max = 1 << 20
+        self.serial = config.serial.encode().ljust(ID_BYTES, b"\0")
+        self.max_discard_sectors = (1 << 30) // SECTOR
+        self.writeback = 1
+        self._zeroes = bytes(1 << 16)
+
+    def close(self) -> None:
+        """Close the backing file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- features and config (sections 5.2.3, 5.2.4) -----------------------------------------
+
+    def device_features(self) -> int:
+        features = (
+            COMMON_FEATURES
+            | bit(F_SIZE_MAX)
+            | bit(F_SEG_MAX)
+            | bit(F_BLK_SIZE)
+            | bit(F_FLUSH)
+            | bit(F_TOPOLOGY)
+            | bit(F_MQ)
+            | bit(F_CONFIG_WCE)
+        )
+        if self.config.read_only:
+            features |= bit(F_RO)
+        else:
+            if self.config.discard:
+                features |= bit(F_DISCARD)
+            if self.config.write_zeroes:
+                features |= bit(F_WRITE_ZEROES)
+        return features
+
+    def read_config(self) -> bytes:
+        lbs = self.config.logical_block_size
+        return _CONFIG.pack(
+            self.capacity,
+            self.size_max,
+            self.seg_max,
+            lbs,
+            0,  # physical_block_exp
+            0,  # alignment_offset
+            lbs // SECTOR,  # min_io_size, in logical blocks
+            0,  # opt_io_size
+            self.writeback,
+            self.num_queues,
+            self.max_discard_sectors,
+            1,  # max_discard_seg
+            lbs // SECTOR,  # discard_sector_alignment
+            self.max_discard_sectors,  # max_write_zeroes_sectors
+            1,  # max_write_zeroes_seg
+            1,  # write_zeroes_may_unmap
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        # Only `writeback` (offset 32) is writable, with VIRTIO_BLK_F_CONFIG_WCE (5.2.5).
+        if offset <= 32 < offset + len(data):
+            self.writeback = 1 if data[32 - offset] else 0
+
+    def reset_device(self) -> None:
+        self.writeback = 1
+
+    # -- requests (section 5.2.6) ------------------------------------------------------------
+
+    def process(self, index: int) -> None:
+        self.drain(index, self._handle_queue)
+
+    def _handle_queue(self, queue: SplitQueue, mem: GuestMemory) -> int:
+        done = 0
+        pop = queue.pop
+        add_used = queue.add_used
+        execute = self.execute
+        while (chain := pop(mem)) is not None:
+            add_used(mem, chain.head, execute(chain, mem))
+            done += 1
+        return done
+
+    def execute(self, chain: DescriptorChain, mem: GuestMemory) -> int:
+        """Carry out one request; write its status; return the bytes written to the guest."""
+        writable = chain.writable
+        if not writable or writable[-1][1] == 0:
+            raise QueueError(f"request {chain.head} has no writable status byte")
+        saddr, slen = writable[-1]
+        try:
+            status_view = mem.translate(saddr + slen - 1, 1)
+        except GuestMemoryError as err:
+            raise QueueError(f"request {chain.head}: status byte: {err}") from err
+        data_out = writable[:-1]
+        if slen > 1:
+            data_out.append((saddr, slen - 1))
+        try:
+            status, written = self._dispatch(chain.readable, data_out, mem)
+        except GuestMemoryError:
+            status, written = S_IOERR, 0
+        except OSError:
+            status, written = S_IOERR, 0
+        status_view[0] = status
+        return written + 1
+
+    def _dispatch(
+        self, readable: list[Buffer], writable: list[Buffer], mem: GuestMemory
+    ) -> tuple[int, int]:
+        if readable and readable[0][1] == _HEADER.size:
+            rtype, _, sector = _HEADER.unpack_from(mem.translate(*readable[0]))
+            data_in = readable[1:]
+        else:
+            head = _gather(readable, _HEADER.size, mem)
+            if head is None:
+                return S_IOERR, 0
+            rtype, _, sector = _HEADER.unpack(head)
+            data_in = _skip(readable, _HEADER.size)
+        if rtype == T_IN:
+            return self._read(sector, writable, mem)
+        if rtype == T_OUT:
+            return self._write(sector, data_in, mem), 0
+        if rtype == T_FLUSH:
+            if self.fd >= 0:
+                os.fdatasync(self.fd)
+            return S_OK, 0
+        if rtype == T_GET_ID:
+            return self._get_id(writable, mem)
+        if rtype in (T_DISCARD, T_WRITE_ZEROES):
+            return self._zero_or_discard(rtype, data_in, mem), 0
+        return S_UNSUPP, 0
+
+    def _check_range(self, sector: int, length: int) -> bool:
+        return (
+            length % SECTOR == 0
+            and sector <= self.capacity
+            and length <= (self.capacity - sector) * SECTOR
+        )
+
+    def _read(self, sector: int, bufs: list[Buffer], mem: GuestMemory) -> tuple[int, int]:
+        total = 0
+        views = []
+        for addr, length in bufs:
+            views.append(mem.translate(addr, length))
+            total += length
+        if not self._check_range(sector, total):
+            return S_IOERR, 0
+        if total and os.preadv(self.fd, views, sector * SECTOR) != total:
+            return S_IOERR, 0
+        return S_OK, total
+
+    def _write(self, sector: int, bufs: list[Buffer], mem: GuestMemory) -> int:
+        if self.config.read_only:
+            return S_IOERR
+        total = 0
+        views = []
+        for addr, length in bufs:
+            views.append(mem.translate(addr, length))
+            total += length
+        if not self._check_range(sector, total):
+            return S_IOERR
+        if total and os.pwritev(self.fd, views, sector * SECTOR) != total:
+            return S_IOERR
+        if not self.writeback and self.fd >= 0:
+            os.fdatasync(self.fd)
+        return S_OK
+
+    def _get_id(self, bufs: list[Buffer], mem: GuestMemory) -> tuple[int, int]:
+        room = sum(n for _, n in bufs)
+        if room < ID_BYTES:
+            return S_IOERR, 0
+        done = 0
+        for addr, length in bufs:
+            part = self.serial[done : done + length]
+            mem.translate(addr, len(part))[:] = part
+            done += len(part)
+            if done == ID_BYTES:
+                break
+        return S_OK, ID_BYTES
+
+    def _zero_or_discard(self, rtype: int, bufs: list[Buffer], mem: GuestMemory) -> int:
+        if self.config.read_only:
+            return S_IOERR
+        if rtype == T_DISCARD and not self.config.discard:
+            return S_UNSUPP
+        if rtype == T_WRITE_ZEROES and not self.config.write_zeroes:
+            return S_UNSUPP
+        data = _gather(bufs, sum(n for _, n in bufs), mem)
+        if not data or len(data) % _SEGMENT.size:
+            return S_IOERR
+        for sector, count, flags in _SEGMENT.iter_unpack(data):
+            if flags & ~WRITE_ZEROES_UNMAP or (rtype == T_DISCARD and flags):
+                return S_UNSUPP
+            if count > self.max_discard_sectors or not self._check_range(sector, count * SECTOR):
+                return S_IOERR
+            if rtype == T_DISCARD:
+                self._discard(sector * SECTOR, count * SECTOR)
+            else:
+                self._write_zeroes(sector * SECTOR, count * SECTOR, bool(flags))
+        return S_OK
+
+    def _discard(self, offset: int, length: int) -> None:
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("<QQ", offset, length))
+            return
+        try:
+            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as err:
+            if err.errno != errno.EOPNOTSUPP:
+                raise
+            # Discard is a hint (5.2.6.2): a file system without holes just keeps the data.
+
+    def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if not self.is_block_device:
+            mode = (
+                _FALLOC_FL_PUNCH_HOLE if unmap else _FALLOC_FL_ZERO_RANGE
+            ) | _FALLOC_FL_KEEP_SIZE
+            try:
+                fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        end = offset + length
+        zeroes = self._zeroes
+        while offset < end:
+            offset += os.pwrite(self.fd, zeroes[: min(len(zeroes), end - offset)], offset)
+
+
+def _gather(bufs: list[Buffer], length: int, mem: GuestMemory) -> bytes | None:
+    """The first ``length`` bytes of ``bufs`` (None if they hold fewer)."""
+    out = bytearray()
+    for addr, n in bufs:
+        take = min(n, length - len(out))
+        out += mem.translate(addr, take)
+        if len(out) == length:
+            return bytes(out)
+    return None
+
+
+def _skip(bufs: list[Buffer], length: int) -> list[Buffer]:
+    """``bufs`` without their first ``length`` bytes."""
+    out: list[Buffer] = []
+    for addr, n in bufs:
+        if length >= n:
+            length -= n
+            continue
+        out.append((addr + length, n - length))
+        length = 0
+    return out

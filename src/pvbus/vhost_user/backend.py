@@ -1,0 +1,429 @@
+"""The backend side of vhost-user as a state machine (vhost-user.rst, backend behaviour).
+
+:class:`BackendSession` is fed decoded :class:`Message` s and returns the reply to send, if
+any. It owns what the frontend hands over (the memory table, the vring fds) and the device's
+queues' configuration; it never reads or writes a socket. The transport learns which eventfds
+to watch from :class:`RingListener` callbacks and routes kicks to the device.
+
+Ring life cycle ("Starting and stopping rings"): a ring starts when it gets a kick fd (or the
+"no fd" bit) and stops on GET_VRING_BASE. It is enabled at start unless
+VHOST_USER_F_PROTOCOL_FEATURES was negotiated, in which case SET_VRING_ENABLE decides. The
+device processes a ring only while it is started and enabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from pvbus.devices.base import VirtioDevice
+from pvbus.vhost_user.errors import RemoteProtocolError
+from pvbus.vhost_user.messages import (
+    F_PROTOCOL_FEATURES,
+    U64,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    ConfigSpace,
+    Empty,
+    Flags,
+    MemTable,
+    Message,
+    ProtocolFeature,
+    SingleRegion,
+    VringAddr,
+    VringState,
+)
+from pvbus.virtio.constants import DeviceStatus
+from pvbus.virtio.errors import VirtioError
+from pvbus.virtio.memory import MAX_REGIONS, GuestMemory, MemoryRegion
+
+log = logging.getLogger(__name__)
+
+#: Protocol features every pvbus backend supports.
+BACKEND_PROTOCOL_FEATURES = (
+    1 << ProtocolFeature.MQ
+    | 1 << ProtocolFeature.REPLY_ACK
+    | 1 << ProtocolFeature.CONFIG
+    | 1 << ProtocolFeature.RESET_DEVICE
+    | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | 1 << ProtocolFeature.STATUS
+)
+
+
+class RingListener(Protocol):
+    """What the transport does when rings start and stop."""
+
+    def ring_started(self, index: int, kick_fd: int | None) -> None:
+        """Watch ``kick_fd`` (``None``: poll the ring) and route kicks to the device."""
+
+    def ring_stopped(self, index: int) -> None:
+        """Stop watching ring ``index``; the device must not touch it any more."""
+
+
+@dataclass(slots=True)
+class Ring:
+    """vhost-user state of one vring, beside the device's :class:`SplitQueue`."""
+
+    addr: VringAddr | None = None
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False
+    enabled: bool = False
+    polled: bool = False
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class BackendSession:
+    """One frontend connection's protocol state, driving one device."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        listener: RingListener,
+        *,
+        max_mem_slots: int = MAX_REGIONS,
+        protocol_features: int = BACKEND_PROTOCOL_FEATURES,
+    ) -> None:
+        self.device = device
+        self.listener = listener
+        self.max_mem_slots = max_mem_slots
+        self.offered_protocol_features = protocol_features
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.needs_reset = False
+        self.owner = False
+        self.rings = [Ring() for _ in range(device.num_queues)]
+        self.log = log
+
+    # -- entry point ------------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> Message | None:
+        """Apply ``msg``; return the reply to send, if any.
+
+        Raises :class:`RemoteProtocolError` for anything the spec does not allow; the caller
+        closes the connection. fds carried by ``msg`` are owned by the session from here on.
+        """
+        handler = getattr(self, "_on_" + msg.request.name.lower(), None)
+        if handler is None:
+            for fd in msg.fds:
+                _close(fd)
+            raise RemoteProtocolError(f"unsupported request {msg.request.name}")
+        try:
+            result: Message | None = handler(msg)
+        except VirtioError as err:
+            raise RemoteProtocolError(f"{msg.request.name}: {err}") from err
+        if result is not None:
+            return result
+        if msg.need_reply and self.protocol_features & (1 << ProtocolFeature.REPLY_ACK):
+            return self._reply(msg, U64(0))
+        return None
+
+    def _reply(self, msg: Message, payload: U64 | VringState | ConfigSpace) -> Message:
+        return Message(msg.request, payload, Flags.VERSION | Flags.REPLY)
+
+    def _ring(self, index: int) -> Ring:
+        if not 0 <= index < len(self.rings):
+            raise RemoteProtocolError(f"vring {index} of {len(self.rings)}")
+        return self.rings[index]
+
+    def _has(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & (1 << feature))
+
+    # -- features and ownership -------------------------------------------------------------
+
+    def offered_features(self) -> int:
+        """GET_FEATURES: the device's features plus VHOST_USER_F_PROTOCOL_FEATURES."""
+        return self.device.device_features() | 1 << F_PROTOCOL_FEATURES
+
+    def _on_get_features(self, msg: Message) -> Message:
+        return self._reply(msg, U64(self.offered_features()))
+
+    def _on_set_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        features = msg.payload.value
+        extra = features & ~self.offered_features()
+        if extra:
+            raise RemoteProtocolError(f"SET_FEATURES acks unoffered bits {extra:#x}")
+        self.features = features
+        self.device.set_features(features & ~(1 << F_PROTOCOL_FEATURES))
+
+    def _on_get_protocol_features(self, msg: Message) -> Message:
+        return self._reply(msg, U64(self.offered_protocol_features))
+
+    def _on_set_protocol_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        extra = msg.payload.value & ~self.offered_protocol_features
+        if extra:
+            raise RemoteProtocolError(f"SET_PROTOCOL_FEATURES acks unoffered bits {extra:#x}")
+        self.protocol_features = msg.payload.value
+
+    def _on_set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _on_reset_owner(self, msg: Message) -> None:
+        self.reset()
+
+    def _on_reset_device(self, msg: Message) -> None:
+        self.reset()
+
+    def _on_get_queue_num(self, msg: Message) -> Message:
+        return self._reply(msg, U64(len(self.rings)))
+
+    def _on_get_max_mem_slots(self, msg: Message) -> Message:
+        return self._reply(msg, U64(self.max_mem_slots))
+
+    # -- status (VHOST_USER_PROTOCOL_F_STATUS) ----------------------------------------------
+
+    def _on_set_status(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        status = msg.payload.value & 0xFF
+        if status == 0:
+            self.needs_reset = False
+        self.status = status
+
+    def _on_get_status(self, msg: Message) -> Message:
+        status = self.status
+        if self.needs_reset:
+            status |= DeviceStatus.DEVICE_NEEDS_RESET
+        return self._reply(msg, U64(status))
+
+    # -- config space (VHOST_USER_PROTOCOL_F_CONFIG) ----------------------------------------
+
+    def _on_get_config(self, msg: Message) -> Message:
+        assert isinstance(msg.payload, ConfigSpace)
+        req = msg.payload
+        space = self.device.read_config()
+        data = space[req.offset : req.offset + req.size]
+        data += bytes(req.size - len(data))
+        return self._reply(msg, ConfigSpace(req.offset, req.size, req.flags, data))
+
+    def _on_set_config(self, msg: Message) -> None:
+        assert isinstance(msg.payload, ConfigSpace)
+        self.device.write_config(msg.payload.offset, msg.payload.data)
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def _set_memory(self, mem: GuestMemory) -> None:
+        old = self.device.mem
+        for queue in self.device.queues:
+            queue.unbind()
+        self.device.mem = mem
+        if old is not mem:
+            old.close()
+
+    def _on_set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemTable)
+        if len(msg.payload.regions) > self.max_mem_slots:
+            for fd in msg.fds:
+                _close(fd)
+            raise RemoteProtocolError(
+                f"{len(msg.payload.regions)} regions, {self.max_mem_slots} slots"
+            )
+        mem = GuestMemory()
+        try:
+            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+                mem.add(
+                    MemoryRegion.map_fd(
+                        fd,
+                        region.guest_phys_addr,
+                        region.memory_size,
+                        region.userspace_addr,
+                        region.mmap_offset,
+                    )
+                )
+        except VirtioError:
+            mem.close()
+            raise
+        finally:
+            for fd in msg.fds:
+                _close(fd)
+        self._set_memory(mem)
+
+    def _on_add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleRegion)
+        region = msg.payload.region
+        try:
+            if len(self.device.mem) >= self.max_mem_slots:
+                raise RemoteProtocolError(f"ADD_MEM_REG beyond {self.max_mem_slots} slots")
+            mapped = MemoryRegion.map_fd(
+                msg.fds[0],
+                region.guest_phys_addr,
+                region.memory_size,
+                region.userspace_addr,
+                region.mmap_offset,
+            )
+        finally:
+            _close(msg.fds[0])
+        try:
+            self.device.mem.add(mapped)
+        except VirtioError:
+            mapped.close()
+            raise
+
+    def _on_rem_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleRegion)
+        for fd in msg.fds:
+            _close(fd)
+        region = msg.payload.region
+        for queue in self.device.queues:
+            queue.unbind()
+        removed = self.device.mem.remove(
+            region.guest_phys_addr, region.memory_size, region.userspace_addr
+        )
+        removed.close()
+
+    # -- vrings -----------------------------------------------------------------------------
+
+    def _on_set_vring_num(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        self._ring(msg.payload.index)
+        queue = self.device.queues[msg.payload.index]
+        num = msg.payload.num
+        if num < 1 or num > queue.max_size or num & (num - 1):
+            raise RemoteProtocolError(f"vring size {num} (max {queue.max_size}, power of two)")
+        queue.size = num
+
+    def _on_set_vring_addr(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringAddr)
+        self._ring(msg.payload.index).addr = msg.payload
+
+    def _on_set_vring_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        ring = self._ring(msg.payload.index)
+        if ring.started:
+            raise RemoteProtocolError(f"SET_VRING_BASE on started vring {msg.payload.index}")
+        self.device.queues[msg.payload.index].set_base(msg.payload.num)
+
+    def _on_get_vring_base(self, msg: Message) -> Message:
+        assert isinstance(msg.payload, VringState)
+        index = msg.payload.index
+        ring = self._ring(index)
+        self._stop_ring(index)
+        _close(ring.kick_fd)
+        ring.kick_fd = None
+        queue = self.device.queues[index]
+        return self._reply(msg, VringState(index, queue.next_avail))
+
+    def _vring_fd(self, msg: Message) -> tuple[int, Ring, int | None]:
+        assert isinstance(msg.payload, U64)
+        value = msg.payload.value
+        index = value & VRING_IDX_MASK
+        fd = None if value & VRING_NOFD_MASK else msg.fds[0]
+        if index >= len(self.rings) or value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            _close(fd)
+            raise RemoteProtocolError(f"{msg.request.name} for {value:#x}")
+        return index, self.rings[index], fd
+
+    def _on_set_vring_kick(self, msg: Message) -> None:
+        index, ring, fd = self._vring_fd(msg)
+        self._stop_ring(index)
+        _close(ring.kick_fd)
+        ring.kick_fd = fd
+        ring.polled = fd is None
+        self._start_ring(index)
+
+    def _on_set_vring_call(self, msg: Message) -> None:
+        _, ring, fd = self._vring_fd(msg)
+        _close(ring.call_fd)
+        ring.call_fd = fd
+
+    def _on_set_vring_err(self, msg: Message) -> None:
+        _, ring, fd = self._vring_fd(msg)
+        _close(ring.err_fd)
+        ring.err_fd = fd
+
+    def _on_set_vring_enable(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        index, enable = msg.payload.index, msg.payload.num
+        ring = self._ring(index)
+        if enable > 1:
+            raise RemoteProtocolError(f"SET_VRING_ENABLE with {enable}")
+        if not self.features & (1 << F_PROTOCOL_FEATURES):
+            raise RemoteProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        if bool(enable) == ring.enabled:
+            return
+        if ring.started and ring.enabled:
+            self.listener.ring_stopped(index)
+            self.device.queue_stopped(index)
+        ring.enabled = bool(enable)
+        if ring.started and ring.enabled:
+            self._activate(index)
+
+    def _start_ring(self, index: int) -> None:
+        ring = self.rings[index]
+        if ring.addr is None:
+            raise RemoteProtocolError(f"SET_VRING_KICK before SET_VRING_ADDR on vring {index}")
+        queue = self.device.queues[index]
+        mem = self.device.mem
+        addr = ring.addr
+        size = queue.size
+        queue.desc_addr = mem.uaddr_to_gpa(addr.desc, 16 * size)
+        queue.avail_addr = mem.uaddr_to_gpa(addr.avail, 6 + 2 * size)
+        queue.used_addr = mem.uaddr_to_gpa(addr.used, 6 + 8 * size)
+        queue.unbind()
+        queue.ready = True
+        ring.started = True
+        if not self.features & (1 << F_PROTOCOL_FEATURES):
+            ring.enabled = True
+        if ring.enabled:
+            self._activate(index)
+
+    def _activate(self, index: int) -> None:
+        self.listener.ring_started(index, self.rings[index].kick_fd)
+        self.device.queue_started(index)
+
+    def _stop_ring(self, index: int) -> None:
+        ring = self.rings[index]
+        if ring.started:
+            if ring.enabled:
+                self.listener.ring_stopped(index)
+                self.device.queue_stopped(index)
+            ring.started = False
+            self.device.queues[index].ready = False
+
+    def ring_failed(self, index: int, err: Exception) -> None:
+        """The device found ring ``index`` malformed: stop it and report DEVICE_NEEDS_RESET."""
+        self.log.error("vring %d: %s; device needs reset", index, err)
+        self._stop_ring(index)
+        self.needs_reset = True
+        err_fd = self.rings[index].err_fd
+        if err_fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(err_fd, 1)
+
+    def call_fd(self, index: int) -> int | None:
+        """The eventfd that interrupts the driver for ring ``index``."""
+        return self.rings[index].call_fd
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """RESET_OWNER / RESET_DEVICE: stop every ring, forget features, reset the device."""
+        for index, ring in enumerate(self.rings):
+            self._stop_ring(index)
+            for fd in (ring.kick_fd, ring.call_fd, ring.err_fd):
+                _close(fd)
+            self.rings[index] = Ring()
+        self.features = 0
+        self.status = 0
+        self.needs_reset = False
+        self.device.reset()
+
+    def close(self) -> None:
+        """The connection is gone: stop rings, close every fd, unmap memory."""
+        self.reset()
+        self.protocol_features = 0
+        self._set_memory(GuestMemory())
+
+
+__all__ = ["BACKEND_PROTOCOL_FEATURES", "BackendSession", "Empty", "RingListener"]

@@ -1,0 +1,285 @@
+"""The split virtqueue, device side (VIRTIO 1.2 section 2.7).
+
+:class:`SplitQueue` holds only queue state (size, ring addresses, indices, negotiated ring
+features); every operation takes the :class:`GuestMemory` it works on, and the ring views are
+re-derived whenever a different memory object is passed. Chains are walked eagerly into lists
+of (address, length) pairs, device-readable first (section 2.7.4.2), with a loop guard: no chain
+may visit more descriptors than the table holds (section 2.7.5.3.2). Anything malformed raises
+:class:`QueueError`; buffer addresses are translated by the device, so a bad data address can
+still be answered with an error status.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pvbus.virtio.constants import (
+    MAX_QUEUE_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
+from pvbus.virtio.errors import GuestMemoryError, QueueError
+from pvbus.virtio.memory import GuestMemory
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_desc_unpack = _DESC.unpack_from
+_u16_unpack = _U16.unpack_from
+_u16_pack = _U16.pack_into
+_used_pack = _USED_ELEM.pack_into
+
+#: Largest indirect table accepted, in descriptors (Linux never builds more than a queue's worth).
+MAX_INDIRECT = MAX_QUEUE_SIZE
+
+Buffer = tuple[int, int]
+"""A guest buffer: (guest-physical address, length)."""
+
+
+class DescriptorChain:
+    """One available request: its head index and its buffers.
+
+    ``readable`` are the device-readable buffers (driver to device), ``writable`` the
+    device-writable ones that follow them.
+    """
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[Buffer], writable: list[Buffer]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
+        )
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """Whether moving an index from ``old_idx`` to ``new_idx`` passes ``event_idx`` (2.7.10)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class SplitQueue:
+    """Device-side state of one split virtqueue.
+
+    Set ``size`` and the three guest-physical ring addresses, then ``ready = True``. Indices are
+    free-running 16-bit counters as in the spec; ``next_avail`` is the vring base that
+    GET_VRING_BASE returns and SET_VRING_BASE restores.
+    """
+
+    __slots__ = (
+        "_avail",
+        "_desc",
+        "_mem",
+        "_used",
+        "avail_addr",
+        "desc_addr",
+        "event_idx",
+        "max_size",
+        "next_avail",
+        "next_used",
+        "ready",
+        "signalled_used",
+        "signalled_valid",
+        "size",
+        "used_addr",
+    )
+
+    def __init__(self, max_size: int = 1024) -> None:
+        self.max_size = max_size
+        self.size = max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.ready = False
+        self.event_idx = False
+        self.next_avail = 0
+        self.next_used = 0
+        self.signalled_used = 0
+        self.signalled_valid = False
+        self._mem: GuestMemory | None = None
+        self._desc = memoryview(b"")
+        self._avail = memoryview(b"")
+        self._used = memoryview(b"")
+
+    def reset(self) -> None:
+        """Back to the state after device reset (section 2.1.2)."""
+        self.__init__(self.max_size)  # type: ignore[misc]
+
+    def set_base(self, base: int) -> None:
+        """SET_VRING_BASE: the next available index to process, also the used index."""
+        self.next_avail = base & 0xFFFF
+        self.next_used = base & 0xFFFF
+        self.signalled_valid = False
+
+    # -- ring views -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the size (a power of two, section 2.7) before the queue is used."""
+        size = self.size
+        if size < 1 or size > self.max_size or size & (size - 1):
+            raise QueueError(f"bad queue size {size} (max {self.max_size}, power of two)")
+
+    def _bind(self, mem: GuestMemory) -> None:
+        self.validate()
+        size = self.size
+        try:
+            self._desc = mem.translate(self.desc_addr, 16 * size)
+            self._avail = mem.translate(self.avail_addr, 6 + 2 * size)
+            self._used = mem.translate(self.used_addr, 6 + 8 * size)
+        except GuestMemoryError as err:
+            raise QueueError(f"ring outside guest memory: {err}") from err
+        self._mem = mem
+
+    def unbind(self) -> None:
+        """Forget the ring views (before the memory they point into is unmapped)."""
+        self._mem = None
+        self._desc = self._avail = self._used = memoryview(b"")
+
+    # -- the available ring -----------------------------------------------------------------
+
+    def avail_idx(self, mem: GuestMemory) -> int:
+        """The driver's available index."""
+        if mem is not self._mem:
+            self._bind(mem)
+        idx: int = _u16_unpack(self._avail, 2)[0]
+        return idx
+
+    def pending(self, mem: GuestMemory) -> int:
+        """How many chains the driver has made available and the device not yet taken."""
+        n = (self.avail_idx(mem) - self.next_avail) & 0xFFFF
+        if n > self.size:
+            raise QueueError(f"available index runs {n} ahead of a queue of {self.size}")
+        return n
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """Take the next available chain, or ``None`` when the ring is empty."""
+        if mem is not self._mem:
+            self._bind(mem)
+        avail = self._avail
+        n = (_u16_unpack(avail, 2)[0] - self.next_avail) & 0xFFFF
+        if n == 0:
+            return None
+        size = self.size
+        if n > size:
+            raise QueueError(f"available index runs {n} ahead of a queue of {size}")
+        head: int = _u16_unpack(avail, 4 + 2 * (self.next_avail % size))[0]
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return self.walk(mem, head)
+
+    def walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        """Walk the chain that starts at descriptor ``head`` (sections 2.7.5, 2.7.5.3)."""
+        size = self.size
+        if head >= size:
+            raise QueueError(f"chain head {head} outside a queue of {size}")
+        table = self._desc
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        index = head
+        hops = 0
+        limit = size
+        indirect = False
+        while True:
+            addr, length, flags, nxt = _desc_unpack(table, 16 * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise QueueError(f"chain {head}: indirect descriptor inside an indirect table")
+                if length == 0 or length % 16:
+                    raise QueueError(f"chain {head}: indirect table of {length} bytes")
+                if length // 16 > MAX_INDIRECT:
+                    raise QueueError(f"chain {head}: indirect table of {length // 16} entries")
+                try:
+                    table = mem.translate(addr, length)
+                except GuestMemoryError as err:
+                    raise QueueError(f"chain {head}: indirect table: {err}") from err
+                indirect = True
+                limit = length // 16
+                size = limit
+                index = 0
+                hops = 0
+                continue
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise QueueError(f"chain {head}: device-readable buffer after a writable one")
+            else:
+                readable.append((addr, length))
+            hops += 1
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable)
+            if nxt >= size:
+                raise QueueError(f"chain {head}: next index {nxt} outside a table of {size}")
+            if hops >= limit:
+                raise QueueError(f"chain {head}: loop (more than {limit} descriptors)")
+            index = nxt
+
+    # -- the used ring ----------------------------------------------------------------------
+
+    def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
+        """Return chain ``head`` to the driver with ``length`` bytes written (section 2.7.8)."""
+        if mem is not self._mem:
+            self._bind(mem)
+        used = self._used
+        idx = self.next_used
+        _used_pack(used, 4 + 8 * (idx % self.size), head, length)
+        idx = (idx + 1) & 0xFFFF
+        self.next_used = idx
+        _u16_pack(used, 2, idx)
+
+    def needs_notification(self, mem: GuestMemory) -> bool:
+        """Whether the driver wants an interrupt for the used entries added since the last one.
+
+        With VIRTIO_F_EVENT_IDX this follows the driver's used_event (section 2.7.10),
+        otherwise VIRTQ_AVAIL_F_NO_INTERRUPT (section 2.7.7).
+        """
+        if mem is not self._mem:
+            self._bind(mem)
+        new = self.next_used
+        if not self.event_idx:
+            flags: int = _u16_unpack(self._avail, 0)[0]
+            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old = self.signalled_used
+        valid = self.signalled_valid
+        self.signalled_used = new
+        self.signalled_valid = True
+        if not valid:
+            return True
+        used_event: int = _u16_unpack(self._avail, 4 + 2 * self.size)[0]
+        return vring_need_event(used_event, new, old)
+
+    def set_notification(self, mem: GuestMemory, enable: bool) -> bool:
+        """Ask the driver for (or spare the device) kicks (sections 2.7.7, 2.7.10).
+
+        With EVENT_IDX, enabling writes avail_event = ``next_avail``. Returns ``True`` when,
+        after enabling, more chains are already available: the caller must keep processing,
+        since the driver may have added them before it saw the request for kicks.
+        """
+        if mem is not self._mem:
+            self._bind(mem)
+        used = self._used
+        if self.event_idx:
+            if enable:
+                _u16_pack(used, 4 + 8 * self.size, self.next_avail)
+        else:
+            flags: int = _u16_unpack(used, 0)[0]
+            _u16_pack(
+                used,
+                0,
+                flags & ~VIRTQ_USED_F_NO_NOTIFY if enable else flags | VIRTQ_USED_F_NO_NOTIFY,
+            )
+        if not enable:
+            return False
+        return self.pending(mem) > 0
