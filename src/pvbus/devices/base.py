@@ -2,15 +2,15 @@
 
 A device knows guest memory, its virtqueues and an interrupt trigger, and nothing of the
 transport that renders it (PCI, MMIO, CCW) or of vhost-user. The transport sets ``mem``,
-``queues`` and ``interrupt``, calls :meth:`VirtioDevice.process` when the driver kicks a queue,
-and resets the device as a template method: :meth:`reset` clears the common state and calls
-:meth:`reset_device` for the device's own.
+``queues``, ``interrupt`` and ``reactor``, calls :meth:`VirtioDevice.process` when the driver
+kicks a queue, and resets the device as a template method: :meth:`reset` clears the common
+state and calls :meth:`reset_device` for the device's own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from pvbus.virtio.constants import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
 from pvbus.virtio.memory import GuestMemory
@@ -18,6 +18,19 @@ from pvbus.virtio.split import SplitQueue
 
 #: Ring features every pvbus device offers (sections 2.7.5.3, 2.7.10, 6).
 COMMON_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
+
+
+class Reactor(Protocol):
+    """The event loop a device may use for its own I/O (a tap fd, a socket, a timer)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable."""
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd``."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once after ``delay`` seconds."""
 
 
 def _no_interrupt(index: int) -> None:
@@ -42,6 +55,8 @@ class VirtioDevice:
         self.mem = GuestMemory()
         self.queues = [SplitQueue(max_queue_size) for _ in range(num_queues)]
         self.interrupt: Callable[[int], None] = _no_interrupt
+        #: Set by the transport before any queue starts; devices with host-side I/O use it.
+        self.reactor: Reactor | None = None
         self.acked_features = 0
 
     # -- what the device offers -------------------------------------------------------------

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import select
 import signal
+import time
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -15,8 +18,9 @@ log = logging.getLogger(__name__)
 class EventLoop:
     """Calls ``callback()`` whenever a registered fd is readable, until :meth:`stop`.
 
-    ``idle`` callables run after every wake-up and, while any is registered, at least every
-    millisecond (for rings the frontend asked us to poll).
+    ``pollers`` run after every wake-up and, while any is registered, at least every
+    millisecond (for rings the frontend asked us to poll). :meth:`call_later` runs a callback
+    once after a delay. The loop satisfies :class:`pvbus.devices.base.Reactor`.
     """
 
     def __init__(self) -> None:
@@ -25,6 +29,8 @@ class EventLoop:
         self.pollers: dict[object, Callable[[], None]] = {}
         self._running = False
         self._wakeup_r = -1
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Watch ``fd`` for input (replacing any earlier callback)."""
@@ -39,6 +45,10 @@ class EventLoop:
         if self._readers.pop(fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` once, ``delay`` seconds from now."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback))
 
     def stop(self) -> None:
         """Make :meth:`run` return after the current callback."""
@@ -68,8 +78,17 @@ class EventLoop:
         self._running = True
         poll = self._epoll.poll
         readers = self._readers
+        timers = self._timers
         while self._running:
-            events = poll(0.001 if self.pollers else -1)
+            timeout = 0.001 if self.pollers else -1.0
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    heapq.heappop(timers)[2]()
+                if timers:
+                    wait = timers[0][0] - now
+                    timeout = wait if timeout < 0 else min(wait, timeout)
+            events = poll(timeout)
             for fd, _ in events:
                 callback = readers.get(fd)
                 if callback is not None:

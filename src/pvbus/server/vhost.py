@@ -70,6 +70,7 @@ class VhostUserServer:
         self.connections = 0
         self._kick_fds: dict[int, int] = {}
         device.interrupt = self._interrupt
+        device.reactor = loop
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
 

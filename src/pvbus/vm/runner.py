@@ -293,9 +293,15 @@ class Vm:
 
     def _timeout(self, timeout: float, output: bytes) -> None:
         if not self._booted():
+            tail = self.console_tail()
+            if not tail:
+                raise GuestBootError(
+                    f"QEMU did not start the guest within {timeout:g} s "
+                    "(is a vhost-user backend not answering?)",
+                    tail,
+                )
             raise GuestBootError(
-                f"guest did not boot within {timeout:g} s (accel {self.accel})",
-                self.console_tail(),
+                f"guest did not boot within {timeout:g} s (accel {self.accel})", tail
             )
         raise CommandTimeoutError(f"command timed out after {timeout:g} s", output)
 
