@@ -1,13 +1,16 @@
 """``pvbus serve DEVICE``: serve one device over vhost-user until SIGTERM or SIGINT.
 
 Follows the vhost-user "backend program conventions" (vhost-user.rst): ``--socket-path`` or
-``--fd``, and ``--print-capabilities``.
+``--fd``, and ``--print-capabilities``. Each device type contributes a module
+``pvbus.devices.<type>.cli`` with ``CAPABILITIES``, ``add_arguments(parser)`` and
+``make_device(args)``; this module only wires them to the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -16,60 +19,49 @@ from typing import Any
 
 from pvbus.cli._common import CliError
 from pvbus.devices.base import VirtioDevice
-from pvbus.devices.blk import BlkConfig, BlockDevice
 from pvbus.server import EventLoop, VhostUserServer, listen_unix
 
 log = logging.getLogger(__name__)
 
-#: Capabilities per device type, as the backend program conventions name them.
-CAPABILITIES = {"blk": {"type": "block", "features": ["blk-file", "read-only"]}}
+#: Device types ``pvbus serve`` knows, each with a ``pvbus.devices.<type>.cli`` module.
+DEVICE_TYPES = ("blk",)
+
+_HELP = {"blk": "virtio-blk over a raw image or block device"}
 
 
 def register(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve a virtio device over vhost-user")
     devices = serve.add_subparsers(dest="device", metavar="DEVICE", required=True)
-    blk = devices.add_parser("blk", help="virtio-blk over a raw image or block device")
-    _common_args(blk)
-    blk.add_argument("--image", "--blk-file", dest="image", help="raw image file or block device")
-    blk.add_argument(
-        "--read-only", action="store_true", help="open read-only, offer VIRTIO_BLK_F_RO"
-    )
-    blk.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
-    blk.add_argument("--queue-size", type=int, default=256, help="max queue size (default 256)")
-    blk.add_argument("--serial", default="pvbus", help="GET_ID string, at most 20 bytes")
-    blk.set_defaults(handler=_serve_blk)
-
-
-def _common_args(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", help="Unix socket to create and listen on")
-    where.add_argument("--fd", type=int, help="inherited listening socket fd")
-    where.add_argument(
-        "--print-capabilities", action="store_true", help="print the backend's capabilities JSON"
-    )
-
-
-def _serve_blk(args: argparse.Namespace) -> int:
-    if args.print_capabilities:
-        print(json.dumps(CAPABILITIES["blk"]))
-        return 0
-    if args.image is None:
-        raise CliError("serve blk: --image is required")
-    try:
-        config = BlkConfig(
-            image=args.image,
-            read_only=args.read_only,
-            num_queues=args.num_queues,
-            queue_size=args.queue_size,
-            serial=args.serial,
+    for name in DEVICE_TYPES:
+        module = importlib.import_module(f"pvbus.devices.{name}.cli")
+        parser = devices.add_parser(name, help=_HELP.get(name, f"virtio-{name}"))
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--socket-path", help="Unix socket to create and listen on")
+        where.add_argument("--fd", type=int, help="inherited listening socket fd")
+        where.add_argument(
+            "--print-capabilities",
+            action="store_true",
+            help="print the backend's capabilities JSON and exit",
         )
-        device = BlockDevice(config)
+        module.add_arguments(parser)
+        parser.set_defaults(handler=_serve, device_module=module)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    module = args.device_module
+    if args.print_capabilities:
+        print(json.dumps(module.CAPABILITIES))
+        return 0
+    try:
+        device: VirtioDevice = module.make_device(args)
     except ValueError as err:
-        raise CliError(f"serve blk: {err}") from err
+        raise CliError(f"serve {args.device}: {err}") from err
     try:
         return serve(device, args)
     finally:
-        device.close()
+        close = getattr(device, "close", None)
+        if close is not None:
+            close()
 
 
 def serve(device: VirtioDevice, args: argparse.Namespace) -> int:
