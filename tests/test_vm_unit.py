@@ -1,0 +1,296 @@
+"""Fast tests of the VM layer: no QEMU, no downloads."""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import pvbus.vm
+from pvbus.cli.main import build_parser
+from pvbus.vm._cpio import CpioWriter
+from pvbus.vm._modules import ModuleError, ModuleIndex, module_name, parse_modinfo
+from pvbus.vm.accel import HostFacts, choose_accel
+from pvbus.vm.backends import pvbus_blk_argv, qsd_blk_argv
+from pvbus.vm.guest import INIT_SCRIPT, OUTPUT_PORT, command_archive
+from pvbus.vm.qemu import DiskSpec, VmConfig, VmPaths, host_tsc_khz, kernel_cmdline, qemu_argv
+from pvbus.vm.runner import _MarkerStream, command_script
+
+# --- kernel modules -------------------------------------------------------------------------
+
+
+def fake_module(info: dict[str, str]) -> bytes:
+    """A minimal ELF64 object with a .modinfo section."""
+    modinfo = b"".join(f"{k}={v}".encode() + b"\0" for k, v in info.items())
+    shstrtab = b"\0.shstrtab\0.modinfo\0"
+    data_off = 64
+    modinfo_off = data_off + len(shstrtab)
+    shoff = modinfo_off + len(modinfo)
+    shoff += -shoff % 8
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 1)
+    body = header + shstrtab + modinfo
+    body += bytes(shoff - len(body))
+    sections = bytes(64)
+    sections += struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, data_off, len(shstrtab), 0, 0, 1, 0)
+    sections += struct.pack("<IIQQQQIIQQ", 11, 1, 0, 0, modinfo_off, len(modinfo), 0, 0, 1, 0)
+    return body + sections
+
+
+def test_parse_modinfo() -> None:
+    info = parse_modinfo(fake_module({"depends": "a,b", "softdep": "pre: crc32c", "name": "x"}))
+    assert info["depends"] == ["a,b"]
+    assert info["softdep"] == ["pre: crc32c"]
+    with pytest.raises(ModuleError):
+        parse_modinfo(b"not elf")
+
+
+def test_module_name() -> None:
+    assert module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz") == "virtio_rng"
+    assert module_name("ext4.ko") == "ext4"
+
+
+def make_tree(tmp_path: Path, modules: dict[str, dict[str, str]], builtin: list[str]) -> Path:
+    for name, info in modules.items():
+        path = tmp_path / "kernel" / f"{name.replace('_', '-')}.ko.xz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lzma.compress(fake_module(info)))
+    (tmp_path / "modules.builtin").write_text("".join(f"kernel/{b}.ko\n" for b in builtin))
+    return tmp_path
+
+
+def test_resolve_orders_dependencies_first(tmp_path: Path) -> None:
+    tree = make_tree(
+        tmp_path,
+        {
+            "ext4": {"depends": "jbd2,crc16,mbcache", "softdep": "pre: crc32c_generic"},
+            "jbd2": {"depends": ""},
+            "crc16": {"depends": ""},
+            "mbcache": {"depends": ""},
+            "crc32c_generic": {"depends": ""},
+            "vmw_vsock_virtio_transport": {"depends": "vmw_vsock_virtio_transport_common,vsock"},
+            "vmw_vsock_virtio_transport_common": {"depends": "vsock"},
+            "vsock": {"depends": ""},
+        },
+        builtin=["virtio_pci", "virtio_console"],
+    )
+    index = ModuleIndex.from_tree(tree)
+    order = [m.name for m in index.resolve(["virtio_pci", "ext4", "vmw_vsock_virtio_transport"])]
+    assert "virtio_pci" not in order
+    assert order.index("crc32c_generic") < order.index("ext4")
+    for dep in ("jbd2", "crc16", "mbcache"):
+        assert order.index(dep) < order.index("ext4")
+    assert order.index("vsock") < order.index("vmw_vsock_virtio_transport_common")
+    assert order[-1] == "vmw_vsock_virtio_transport"
+    assert len(order) == len(set(order))
+
+
+def test_resolve_errors(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, {"a": {"depends": "b"}, "b": {"depends": "a"}}, [])
+    index = ModuleIndex.from_tree(tree)
+    with pytest.raises(ModuleError, match="cycle"):
+        index.resolve(["a"])
+    with pytest.raises(ModuleError, match="not found"):
+        index.resolve(["nope"])
+
+
+# --- cpio and guest protocol ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio not installed")
+def test_cpio_is_readable_by_cpio() -> None:
+    cpio = CpioWriter()
+    cpio.directory("pvbus")
+    cpio.file("pvbus/cmd", b"echo hi\n", 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    data = cpio.finish()
+    assert len(data) % 512 == 0
+    listing = subprocess.run(
+        ["cpio", "-t", "--quiet"], input=data, capture_output=True, check=True
+    ).stdout.split()
+    assert listing == [b"pvbus", b"pvbus/cmd", b"bin/sh"]
+
+
+def test_command_archive_and_init() -> None:
+    data = command_archive("exit 3", "MARK")
+    assert b"pvbus/cmd" in data and b"exit 3\n" in data and b"MARK" in data
+    assert OUTPUT_PORT in INIT_SCRIPT
+    assert "/pvbus/marker" in INIT_SCRIPT
+
+
+def test_command_script() -> None:
+    assert command_script(["echo hi; exit 3"]) == "echo hi; exit 3"
+    assert command_script(["ls", "-l", "a b"]) == "ls -l 'a b'"
+    with pytest.raises(ValueError):
+        command_script([])
+
+
+def test_marker_stream_byte_by_byte() -> None:
+    seen: list[bytes] = []
+    stream = _MarkerStream(b"END-123", seen.append)
+    for byte in b"out\nEND-12 is not it\nEND-123 42\ntrailing":
+        stream.feed(bytes([byte]))
+    assert stream.status == 42
+    assert bytes(stream.output) == b"out\nEND-12 is not it\n"
+    assert b"".join(seen) == bytes(stream.output)
+
+
+def test_marker_stream_negative_and_partial() -> None:
+    stream = _MarkerStream(b"M", None)
+    stream.feed(b"xM -1")
+    assert stream.status is None
+    stream.feed(b"\n")
+    assert stream.status == -1
+
+
+# --- accelerator ----------------------------------------------------------------------------
+
+
+def facts(**kw: object) -> HostFacts:
+    base: dict[str, object] = {
+        "kvm_device": True,
+        "kvm_accessible": True,
+        "modules": frozenset({"kvm", "kvm_intel"}),
+        "cpu_flags": frozenset({"vmx", "sse2"}),
+    }
+    base.update(kw)
+    return HostFacts(**base)  # type: ignore[arg-type]
+
+
+def test_accel_auto() -> None:
+    assert choose_accel("auto", facts()).name == "kvm"
+    assert choose_accel("auto", facts(kvm_device=False)).name == "tcg"
+    assert choose_accel("auto", facts(kvm_accessible=False)).name == "tcg"
+    pvm = facts(modules=frozenset({"kvm", "kvm_pvm"}), cpu_flags=frozenset({"hypervisor"}))
+    choice = choose_accel("auto", pvm)
+    assert choice.name == "tcg" and "PVM" in choice.reason
+    assert choose_accel("auto", facts(cpu_flags=frozenset())).name == "tcg"
+    assert choose_accel("auto", facts(modules=frozenset({"kvm"}))).name == "tcg"
+
+
+def test_accel_forced() -> None:
+    assert choose_accel("kvm", facts(kvm_device=False)).name == "kvm"
+    assert choose_accel("tcg", facts()).name == "tcg"
+    with pytest.raises(ValueError):
+        choose_accel("hvf")
+
+
+# --- QEMU command line ----------------------------------------------------------------------
+
+
+def paths(n_disks: int) -> VmPaths:
+    return VmPaths(
+        kernel=Path("/k/vmlinuz"),
+        initrd=Path("/w/initrd.img"),
+        console_log=Path("/w/console.log"),
+        output_socket=Path("/w/out.sock"),
+        qmp_socket=Path("/w/qmp.sock"),
+        disk_sockets=tuple(Path(f"/w/disk{i}.sock") for i in range(n_disks)),
+    )
+
+
+def test_qemu_argv_pci() -> None:
+    cfg = VmConfig(disks=(DiskSpec(Path("a.img")), DiskSpec(Path("b.img"), True, 2)))
+    argv = qemu_argv(cfg, paths(2), "tcg", 2_000_000)
+    line = " ".join(argv)
+    assert argv[0] == "qemu-system-x86_64"
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in argv
+    assert "q35,memory-backend=mem" in argv
+    assert "-bios" not in argv
+    assert "vhost-user-blk-pci,id=vdisk0,chardev=disk0,num-queues=1" in argv
+    assert "vhost-user-blk-pci,id=vdisk1,chardev=disk1,num-queues=2" in argv
+    assert "socket,id=disk1,path=/w/disk1.sock" in argv
+    assert "virtio-serial-pci,id=vser" in argv
+    assert f"name={OUTPUT_PORT}" in line
+    assert "unix:/w/qmp.sock,server=on,wait=off" in argv
+    assert "tsc_early_khz" not in line
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert argv[argv.index("-cpu") + 1] == "max"
+
+
+def test_qemu_argv_mmio() -> None:
+    cfg = VmConfig(transport="mmio", disks=(DiskSpec(Path("a.img")),), memory_mib=256, cpus=2)
+    argv = qemu_argv(cfg, paths(1), "kvm", 2_445_404)
+    assert cfg.machine_type == "microvm"
+    machine = argv[argv.index("-machine") + 1]
+    assert machine.startswith("microvm,") and machine.endswith("memory-backend=mem")
+    assert argv[argv.index("-bios") + 1] == "/usr/share/qemu/qboot.rom"
+    assert "virtio-mmio.force-legacy=false" in argv
+    assert "tsc_early_khz=2445404" in argv[argv.index("-append") + 1]
+    assert "vhost-user-blk,id=vdisk0,chardev=disk0,num-queues=1" in argv
+    assert "virtio-serial-device,id=vser" in argv
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert argv[argv.index("-smp") + 1] == "2"
+
+
+def test_kernel_cmdline_extra() -> None:
+    cfg = VmConfig(kernel_args=("quiet",))
+    assert kernel_cmdline(cfg).endswith(" quiet")
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        VmConfig(transport="mmio", machine="q35")
+    with pytest.raises(ValueError):
+        VmConfig(transport="ccw")
+    with pytest.raises(ValueError):
+        VmConfig(memory_mib=8)
+    with pytest.raises(ValueError):
+        VmConfig(disk_backend="nbd")
+    with pytest.raises(ValueError):
+        qemu_argv(VmConfig(disks=(DiskSpec(Path("a")),)), paths(0), "tcg")
+
+
+def test_disk_spec_parse() -> None:
+    assert DiskSpec.parse("a.img") == DiskSpec(Path("a.img"))
+    assert DiskSpec.parse("a.img,ro") == DiskSpec(Path("a.img"), read_only=True)
+    assert DiskSpec.parse("a.img,ro,queues=4") == DiskSpec(Path("a.img"), True, 4)
+    for bad in ("", "a.img,bogus", "a.img,queues=0"):
+        with pytest.raises(ValueError):
+            DiskSpec.parse(bad)
+
+
+def test_host_tsc_khz(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2445.404\n")
+    assert host_tsc_khz(info) == 2445404
+    assert host_tsc_khz(tmp_path / "missing") == 0
+
+
+def test_backend_argv() -> None:
+    disk = DiskSpec(Path("/d.img"), read_only=True, num_queues=2)
+    pv = pvbus_blk_argv(disk, Path("/s.sock"))
+    assert pv[1:5] == ["-m", "pvbus.cli.main", "serve", "blk"]
+    assert "--read-only" in pv and pv[pv.index("--num-queues") + 1] == "2"
+    qsd = " ".join(qsd_blk_argv(disk, Path("/s.sock")))
+    assert "addr.path=/s.sock" in qsd and "writable=off" in qsd and "num-queues=2" in qsd
+
+
+# --- CLI and exports ------------------------------------------------------------------------
+
+
+def test_cli_run_parses() -> None:
+    args = build_parser().parse_args(
+        ["run", "--transport", "mmio", "--disk", "a.img,ro", "--", "echo", "hi"]
+    )
+    assert isinstance(args, argparse.Namespace)
+    assert args.transport == "mmio" and args.disk == ["a.img,ro"]
+    assert args.command[-2:] == ["echo", "hi"]
+    assert args.disk_backend == "pvbus"
+
+
+def test_cli_run_errors() -> None:
+    from pvbus.cli.main import main
+
+    assert main(["run", "--disk", "/nonexistent.img", "--", "true"]) == 2
+    assert main(["run"]) == 2
+
+
+def test_exports() -> None:
+    for name in pvbus.vm.__all__:
+        assert hasattr(pvbus.vm, name), name
