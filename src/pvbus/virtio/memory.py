@@ -161,7 +161,7 @@ class GuestMemory:
     def translate(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``length`` bytes at guest-physical ``gpa``, all in one region."""
         last = self._last
-        if last is not None and last.gpa <= gpa and gpa + length <= last.gpa + last.size:
+        if last is not None and last.gpa <= gpa and 0 <= length <= last.gpa + last.size - gpa:
             off = gpa - last.gpa
             return last.buf[off : off + length]
         if length < 0:
