@@ -116,6 +116,14 @@ class Payload(Protocol):
     def unpack(cls, data: bytes) -> Self: ...
 
 
+def _fits(s: struct.Struct, *values: int) -> None:
+    """Refuse field values the wire format cannot carry (negative, or too wide)."""
+    try:
+        s.pack(*values)
+    except struct.error as err:
+        raise ValueError(f"field out of range: {err}") from err
+
+
 def _exact(cls_name: str, data: bytes, size: int) -> None:
     if len(data) != size:
         raise RemoteProtocolError(f"{cls_name} payload of {len(data)} bytes, expected {size}")
@@ -162,6 +170,9 @@ class VringState:
     num: int
     _S: ClassVar[struct.Struct] = struct.Struct("<II")
 
+    def __post_init__(self) -> None:
+        _fits(self._S, self.index, self.num)
+
     def pack(self) -> bytes:
         return self._S.pack(self.index, self.num)
 
@@ -183,6 +194,9 @@ class VringAddr:
     log: int = 0
     _S: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
 
+    def __post_init__(self) -> None:
+        _fits(self._S, self.index, self.flags, self.desc, self.used, self.avail, self.log)
+
     def pack(self) -> bytes:
         return self._S.pack(self.index, self.flags, self.desc, self.used, self.avail, self.log)
 
@@ -201,6 +215,11 @@ class Region:
     userspace_addr: int
     mmap_offset: int
     _S: ClassVar[struct.Struct] = struct.Struct("<QQQQ")
+
+    def __post_init__(self) -> None:
+        _fits(
+            self._S, self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
+        )
 
     def pack(self) -> bytes:
         return self._S.pack(
@@ -261,6 +280,7 @@ class ConfigSpace:
     _S: ClassVar[struct.Struct] = struct.Struct("<III")
 
     def __post_init__(self) -> None:
+        _fits(self._S, self.offset, self.size, self.flags)
         if self.size > MAX_CONFIG_SIZE or len(self.data) != self.size:
             raise ValueError(f"config access of {self.size} bytes with {len(self.data)} of data")
 
@@ -288,6 +308,9 @@ class Inflight:
     num_queues: int
     queue_size: int
     _S: ClassVar[struct.Struct] = struct.Struct("<QQHH")
+
+    def __post_init__(self) -> None:
+        _fits(self._S, self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
 
     def pack(self) -> bytes:
         return self._S.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
