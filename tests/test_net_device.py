@@ -1,0 +1,449 @@
+"""virtio-net device model on a fake guest: frames both ways, control queue, malformed chains.
+
+The backend is a real ``SOCK_SEQPACKET`` socket pair; the reactor is a recorder the test
+drives by hand, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pvbus.devices.net import CTRL_ERR, CTRL_OK, NetConfig, NetDevice, SeqpacketBackend
+from pvbus.devices.net.device import (
+    F_CTRL_MAC_ADDR,
+    F_CTRL_RX,
+    F_CTRL_RX_EXTRA,
+    F_CTRL_VQ,
+    F_MAC,
+    F_MQ,
+    F_MRG_RXBUF,
+    F_STATUS,
+)
+from pvbus.devices.net.frames import HDR_LEN, NET_HDR, format_mac, parse_mac
+from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
+from pvbus.virtio.errors import QueueError
+
+MAC = parse_mac("52:54:00:00:00:01")
+PEER = parse_mac("52:54:00:00:00:02")
+
+
+class Reactor:
+    """Records readers; the test calls :meth:`fire` where an event loop would."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, Callable[[], None]] = {}
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        raise AssertionError("not used")
+
+    def fire(self) -> None:
+        for callback in list(self.readers.values()):
+            callback()
+
+
+def frame(dst: bytes, src: bytes, payload: bytes, ethertype: int = 0x88B5) -> bytes:
+    return dst + src + struct.pack(">H", ethertype) + payload
+
+
+class Rig:
+    """A device with its queues on mock driver queues and a socket-pair backend."""
+
+    def __init__(
+        self,
+        config: NetConfig,
+        features: int | None = None,
+        *,
+        event_idx: bool = False,
+        queue_size: int = 64,
+    ) -> None:
+        self.guest = FakeGuest(4 << 20)
+        self.peer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.peer.setblocking(False)
+        self.dev = NetDevice(config, SeqpacketBackend(theirs))
+        self.dev.mem = self.guest.mem
+        self.reactor = Reactor()
+        self.dev.reactor = self.reactor
+        self.interrupts: list[int] = []
+        self.dev.interrupt = self.interrupts.append
+        if features is None:
+            features = self.dev.device_features()
+        if not event_idx:
+            features &= ~bit(F_EVENT_IDX)
+        self.dev.set_features(features)
+        self.q: list[MockDriverQueue] = []
+        for i in range(self.dev.num_queues):
+            mq = MockDriverQueue(self.guest, queue_size, event_idx=event_idx)
+            self.dev.queues[i] = mq.device_queue
+            self.q.append(mq)
+        for i in range(self.dev.num_queues):
+            self.dev.queue_started(i)
+
+    def close(self) -> None:
+        self.dev.close()
+        self.peer.close()
+
+    def transmit(self, data: bytes, index: int = 1, *, hdr: bytes | None = None) -> None:
+        header = bytes(HDR_LEN) if hdr is None else hdr
+        self.q[index].send([header + data])
+        self.dev.process(index)
+
+    def peer_frames(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.peer.recv(70000))
+            except BlockingIOError:
+                return out
+
+    def post_rx(self, sizes: list[int], index: int = 0) -> None:
+        for size in sizes:
+            self.q[index].send([], [size], publish=False)
+        self.q[index].publish()
+
+    def received(self, index: int = 0) -> list[tuple[bytes, bytes]]:
+        """(header, frame) of each frame received on rx queue ``index``, merged buffers joined."""
+        out: list[tuple[bytes, bytes]] = []
+        used = self.q[index].receive()
+        i = 0
+        while i < len(used):
+            _, length, bufs = used[i]
+            data = b"".join(bufs)[:length]
+            num = NET_HDR.unpack_from(data)[6] if self.dev.hdr_len == HDR_LEN else 1
+            for _, more_len, more in used[i + 1 : i + num]:
+                data += b"".join(more)[:more_len]
+            out.append((data[: self.dev.hdr_len], data[self.dev.hdr_len :]))
+            i += max(num, 1)
+        return out
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig(NetConfig(mac=MAC))
+    yield r
+    r.close()
+
+
+def test_features_and_config() -> None:
+    dev = NetDevice(NetConfig(mac=MAC, queue_pairs=4))
+    features = dev.device_features()
+    for f in (F_MAC, F_STATUS, F_MRG_RXBUF, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_VERSION_1):
+        assert features & bit(f), f
+    assert not features & 0b11  # no checksum offloads
+    assert dev.num_queues == 9 and dev.ctrl_index == 8
+    mac, status, pairs = struct.unpack_from("<6sHH", dev.read_config())
+    assert (mac, status, pairs) == (MAC, 0, 4)  # no backend: link down
+    single = NetDevice(NetConfig(mac=MAC, mrg_rxbuf=False, ctrl_vq=False))
+    assert not single.device_features() & (bit(F_MQ) | bit(F_CTRL_VQ) | bit(F_MRG_RXBUF))
+    assert single.num_queues == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mac": b"\x01\x02\x03\x04\x05\x06"},
+        {"queue_pairs": 0},
+        {"queue_size": 100},
+        {"queue_pairs": 2, "ctrl_vq": False},
+    ],
+)
+def test_config_validation(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        NetConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_mac_parsing() -> None:
+    assert format_mac(parse_mac("52-54-00-ab-cd-ef")) == "52:54:00:ab:cd:ef"
+    for bad in ("52:54:00:ab:cd", "zz:54:00:ab:cd:ef", "01:00:5e:00:00:01"):
+        with pytest.raises(ValueError):
+            parse_mac(bad)
+
+
+def test_link_up_with_backend(rig: Rig) -> None:
+    assert struct.unpack_from("<6sH", rig.dev.read_config())[1] == 1
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_transmit_reaches_backend(event_idx: bool) -> None:
+    rig = Rig(NetConfig(mac=MAC), event_idx=event_idx)
+    try:
+        frames = [frame(PEER, MAC, bytes([i]) * (60 + i * 100)) for i in range(5)]
+        for f in frames:
+            rig.q[1].send([bytes(HDR_LEN), f[:20], f[20:]], publish=False)
+        rig.q[1].publish()
+        rig.dev.process(1)
+        assert rig.peer_frames() == frames
+        used = rig.q[1].receive()
+        assert len(used) == 5 and all(length == 0 for _, length, _ in used)
+        assert rig.interrupts == [1]
+        assert rig.dev.stats.tx_frames == 5
+    finally:
+        rig.close()
+
+
+def test_transmit_header_split_across_buffers(rig: Rig) -> None:
+    f = frame(PEER, MAC, b"x" * 50)
+    rig.q[1].send([bytes(5), bytes(7) + f[:3], f[3:]])
+    rig.dev.process(1)
+    assert rig.peer_frames() == [f]
+
+
+def test_receive_into_buffers(rig: Rig) -> None:
+    rig.post_rx([2048] * 4)
+    frames = [frame(MAC, PEER, bytes([i]) * 100) for i in range(3)]
+    for f in frames:
+        rig.peer.send(f)
+    rig.reactor.fire()
+    got = rig.received()
+    assert [f for _, f in got] == frames
+    for header, _ in got:
+        assert NET_HDR.unpack(header) == (0, 0, 0, 0, 0, 0, 1)
+    assert rig.interrupts == [0]
+
+
+def test_receive_merges_small_buffers(rig: Rig) -> None:
+    rig.post_rx([500] * 8)
+    big = frame(MAC, PEER, bytes(range(256)) * 5)  # 1294 bytes + header: three buffers
+    rig.peer.send(big)
+    rig.reactor.fire()
+    used = rig.q[0].receive()
+    assert len(used) == 3
+    assert NET_HDR.unpack_from(used[0][2][0])[6] == 3
+    data = b"".join(b"".join(bufs)[:length] for _, length, bufs in used)
+    assert data[HDR_LEN:] == big
+
+
+def test_receive_without_mrg_rxbuf_needs_big_buffers() -> None:
+    rig = Rig(NetConfig(mac=MAC, mrg_rxbuf=False))
+    try:
+        assert not rig.dev.mrg_rxbuf
+        rig.post_rx([200, 2048])
+        rig.peer.send(frame(MAC, PEER, b"a" * 1000))  # does not fit the first chain: dropped
+        rig.peer.send(frame(MAC, PEER, b"b" * 100))  # fits it
+        rig.reactor.fire()
+        got = rig.received()
+        assert [f[14:15] for _, f in got] == [b"b"]
+        assert rig.dev.stats.rx_dropped == 1
+    finally:
+        rig.close()
+
+
+def test_legacy_header_without_version_1() -> None:
+    config = NetConfig(mac=MAC, mrg_rxbuf=False)
+    dev_features = NetDevice(config).device_features() & ~bit(F_VERSION_1)
+    rig = Rig(config, dev_features & ~bit(F_MRG_RXBUF))
+    try:
+        assert rig.dev.hdr_len == 10
+        f = frame(PEER, MAC, b"z" * 46)
+        rig.q[1].send([bytes(10) + f])
+        rig.dev.process(1)
+        assert rig.peer_frames() == [f]
+        rig.post_rx([2048])
+        rig.peer.send(f)
+        rig.reactor.fire()
+        ((_, length, bufs),) = rig.q[0].receive()
+        assert length == 10 + len(f) and bufs[0][10:length] == f
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_backpressure_keeps_frames_until_buffers_arrive(event_idx: bool) -> None:
+    rig = Rig(NetConfig(mac=MAC), event_idx=event_idx)
+    try:
+        frames = [frame(MAC, PEER, bytes([i]) * 64) for i in range(6)]
+        for f in frames:
+            rig.peer.send(f)
+        rig.post_rx([2048] * 2)
+        rig.reactor.fire()
+        assert [f for _, f in rig.received()] == frames[:2]
+        assert not rig.reactor.readers  # the device stopped reading the backend
+        rig.post_rx([2048] * 8)
+        rig.dev.process(0)  # the driver's kick
+        assert [f for _, f in rig.received()] == frames[2:]
+        assert rig.reactor.readers  # reading again
+        assert rig.dev.stats.rx_frames == 6 and rig.dev.stats.rx_dropped == 0
+    finally:
+        rig.close()
+
+
+def test_rx_with_readable_chain_is_completed_empty(rig: Rig) -> None:
+    rig.q[0].send([b"oops"], [64])  # wrong direction for a receive queue
+    rig.post_rx([2048])
+    f = frame(MAC, PEER, b"q" * 40)
+    rig.peer.send(f)
+    rig.reactor.fire()
+    used = rig.q[0].receive()
+    assert [length for _, length, _ in used] == [0, HDR_LEN + len(f)]
+    assert rig.dev.stats.rx_errors == 1
+
+
+@pytest.mark.parametrize(
+    ("readable", "writable"),
+    [
+        ([b"\0" * 4], []),  # shorter than the header
+        ([bytes(HDR_LEN) + b"short"], []),  # frame shorter than an Ethernet header
+        ([bytes(HDR_LEN) + frame(PEER, MAC, b"x" * 50)], [16]),  # writable buffer on tx
+        ([b"\x01" + bytes(HDR_LEN - 1) + frame(PEER, MAC, b"x" * 50)], []),  # NEEDS_CSUM
+        ([b"\x00\x01" + bytes(HDR_LEN - 2) + frame(PEER, MAC, b"x" * 50)], []),  # GSO
+    ],
+)
+def test_malformed_transmit_is_dropped_not_fatal(
+    rig: Rig, readable: list[bytes], writable: list[int]
+) -> None:
+    rig.q[1].send(readable, writable)
+    good = frame(PEER, MAC, b"good" * 20)
+    rig.q[1].send([bytes(HDR_LEN) + good])
+    rig.dev.process(1)
+    assert rig.peer_frames() == [good]
+    assert len(rig.q[1].receive()) == 2
+    assert rig.dev.stats.tx_errors == 1 and rig.dev.stats.tx_frames == 1
+
+
+def test_transmit_with_bad_address_is_counted(rig: Rig) -> None:
+    rig.q[1].add([(0xDEAD0000, 100)], [])
+    rig.q[1].publish()
+    rig.dev.process(1)
+    assert rig.dev.stats.tx_errors == 1
+    assert len(rig.q[1].get_used()) == 1
+
+
+def test_broken_ring_raises_queue_error(rig: Rig) -> None:
+    q = rig.q[1]
+    q.write_desc(0, rig.guest.put(bytes(64)), 64, 1, 0)  # NEXT to itself: a loop
+    q.push_avail(0)
+    q.publish()
+    with pytest.raises(QueueError):
+        rig.dev.process(1)
+
+
+def control(rig: Rig, request: bytes, ack_room: int = 1) -> int:
+    ctrl = rig.dev.ctrl_index
+    rig.q[ctrl].send([request[:2], request[2:]] if len(request) > 2 else [request], [ack_room])
+    rig.dev.process(ctrl)
+    ((_, length, bufs),) = rig.q[ctrl].receive()
+    assert length == 1
+    return bufs[-1][-1]
+
+
+def test_rx_filter_via_control_queue(rig: Rig) -> None:
+    other = parse_mac("52:54:00:00:00:99")
+    mcast = bytes.fromhex("01005e000001")
+    assert control(rig, bytes([0, 0, 0])) == CTRL_OK  # promisc off
+    table = struct.pack("<I", 1) + other + struct.pack("<I", 1) + mcast
+    assert control(rig, bytes([1, 0]) + table) == CTRL_OK
+    rig.post_rx([2048] * 8)
+    sent = [
+        frame(MAC, PEER, b"1" * 50),  # ours
+        frame(parse_mac("52:54:00:00:00:77"), PEER, b"2" * 50),  # someone else's: filtered
+        frame(other, PEER, b"3" * 50),  # in the unicast table
+        frame(b"\xff" * 6, PEER, b"4" * 50),  # broadcast
+        frame(mcast, PEER, b"5" * 50),  # in the multicast table
+        frame(bytes.fromhex("01005e000002"), PEER, b"6" * 50),  # other multicast: filtered
+    ]
+    for f in sent:
+        rig.peer.send(f)
+    rig.reactor.fire()
+    assert [f[14:15] for _, f in rig.received()] == [b"1", b"3", b"4", b"5"]
+    assert rig.dev.stats.rx_filtered == 2
+    assert control(rig, bytes([0, 5, 1])) == CTRL_OK  # nobcast
+    assert control(rig, bytes([0, 1, 1])) == CTRL_OK  # allmulti
+    for f in sent[3:]:
+        rig.peer.send(f)
+    rig.reactor.fire()
+    assert [f[14:15] for _, f in rig.received()] == [b"5", b"6"]
+
+
+def test_mac_addr_set(rig: Rig) -> None:
+    new = parse_mac("52:54:00:00:00:42")
+    assert rig.dev.acked_features & bit(F_CTRL_MAC_ADDR)
+    assert control(rig, bytes([1, 1]) + new) == CTRL_OK
+    assert rig.dev.read_config()[:6] == new
+    assert control(rig, bytes([1, 1]) + b"\x01" * 6) == CTRL_ERR  # multicast
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"",  # nothing at all
+        b"\x00",  # class only
+        bytes([0, 0]),  # RX mode without its byte
+        bytes([0, 9, 1]),  # unknown RX command
+        bytes([1, 0]) + struct.pack("<I", 5),  # table shorter than it says
+        bytes([1, 0]) + struct.pack("<II", 0, 0) + b"junk",  # trailing bytes
+        bytes([4, 0]) + struct.pack("<H", 2),  # MQ not negotiated (one pair)
+        bytes([2, 0, 0, 0]),  # VLAN: not offered
+        bytes([99, 0]),
+    ],
+)
+def test_bad_control_commands_get_err(rig: Rig, request_bytes: bytes) -> None:
+    assert control(rig, request_bytes) == CTRL_ERR
+    assert rig.dev.stats.ctrl_errors == 1
+
+
+def test_rx_extra_needs_its_feature() -> None:
+    config = NetConfig(mac=MAC)
+    features = NetDevice(config).device_features() & ~bit(F_CTRL_RX_EXTRA)
+    rig = Rig(config, features)
+    try:
+        assert control(rig, bytes([0, 5, 1])) == CTRL_ERR
+        assert control(rig, bytes([0, 1, 1])) == CTRL_OK
+    finally:
+        rig.close()
+
+
+def test_control_without_ack_room_is_a_queue_error(rig: Rig) -> None:
+    ctrl = rig.dev.ctrl_index
+    rig.q[ctrl].send([bytes([0, 0, 1])])
+    with pytest.raises(QueueError):
+        rig.dev.process(ctrl)
+
+
+def test_multiqueue_steers_flows_back_to_their_pair() -> None:
+    rig = Rig(NetConfig(mac=MAC, queue_pairs=2))
+    try:
+        assert control(rig, bytes([4, 0]) + struct.pack("<H", 2)) == CTRL_OK
+        assert control(rig, bytes([4, 0]) + struct.pack("<H", 3)) == CTRL_ERR
+        assert rig.dev.active_pairs == 2
+        ip = bytes.fromhex("4500001c000000004011" + "0000" + "a9fe0001" + "a9fe0002")
+        ports = struct.pack(">HH", 1000, 2000) + bytes(4)
+        out = frame(PEER, MAC, ip + ports, 0x0800)
+        rig.transmit(out, index=3)  # the flow leaves on pair 1
+        assert rig.peer_frames() == [out]
+        back_ip = ip[:12] + ip[16:20] + ip[12:16]
+        back = frame(MAC, PEER, back_ip + struct.pack(">HH", 2000, 1000) + bytes(4), 0x0800)
+        rig.post_rx([2048], 0)
+        rig.post_rx([2048], 2)
+        rig.peer.send(back)
+        rig.reactor.fire()
+        assert rig.received(0) == []
+        assert [f for _, f in rig.received(2)] == [back]
+    finally:
+        rig.close()
+
+
+def test_reset_restores_filter_and_stops_reading(rig: Rig) -> None:
+    assert control(rig, bytes([0, 0, 0])) == CTRL_OK
+    assert rig.reactor.readers
+    rig.dev.reset()
+    assert rig.dev.promisc and not rig.reactor.readers
+    assert rig.dev.mac == MAC
+
+
+def test_backend_gone_means_link_down(rig: Rig) -> None:
+    rig.peer.close()
+    rig.reactor.fire()
+    assert rig.dev.backend is None and not rig.reactor.readers
+    assert struct.unpack_from("<6sH", rig.dev.read_config())[1] == 0
+    rig.transmit(frame(PEER, MAC, b"x" * 50))
+    assert rig.dev.stats.tx_dropped == 1
