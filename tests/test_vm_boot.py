@@ -48,9 +48,10 @@ def test_boot_qsd_disk(guest: GuestImage, tmp_path: Path, transport: str) -> Non
     assert result.boot_seconds is not None
 
 
-def test_pvbus_disk_write_read_back(guest: GuestImage, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_pvbus_disk_write_read_back(guest: GuestImage, tmp_path: Path, transport: str) -> None:
     image = disk(tmp_path)
-    cfg = VmConfig(accel="tcg", disks=(DiskSpec(image),), disk_backend="pvbus")
+    cfg = VmConfig(transport=transport, accel="tcg", disks=(DiskSpec(image),))
     script = (
         "echo pvbus-was-here | dd of=/dev/vda bs=512 seek=8 conv=sync,fsync 2>/dev/null;"
         "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -n 1"

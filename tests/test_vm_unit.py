@@ -267,6 +267,7 @@ def test_backend_argv() -> None:
     pv = pvbus_blk_argv(disk, Path("/s.sock"))
     assert pv[1:5] == ["-m", "pvbus.cli.main", "serve", "blk"]
     assert "--read-only" in pv and pv[pv.index("--num-queues") + 1] == "2"
+    assert pv[pv.index("--queue-size") + 1] == "1024"  # what virtio-mmio offers the guest
     qsd = " ".join(qsd_blk_argv(disk, Path("/s.sock")))
     assert "addr.path=/s.sock" in qsd and "writable=off" in qsd and "num-queues=2" in qsd
 

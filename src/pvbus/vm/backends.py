@@ -30,6 +30,9 @@ __all__ = [
     "start_backend",
 ]
 
+#: QEMU's VIRTQUEUE_MAX_SIZE: the largest ring a guest may set up.
+MAX_QUEUE_SIZE = 1024
+
 BackendArgv = Callable[[DiskSpec, Path], list[str]]
 
 
@@ -43,7 +46,9 @@ def pvbus_blk_argv(disk: DiskSpec, socket_path: Path) -> list[str]:
     argv += ["--socket-path", str(socket_path), "--image", str(disk.path)]
     if disk.read_only:
         argv.append("--read-only")
-    argv += ["--num-queues", str(disk.num_queues)]
+    # virtio-mmio offers the guest QEMU's VIRTQUEUE_MAX_SIZE (1024) whatever the device's
+    # queue-size, so the backend must accept rings that large.
+    argv += ["--num-queues", str(disk.num_queues), "--queue-size", str(MAX_QUEUE_SIZE)]
     return argv
 
 
