@@ -286,7 +286,8 @@ class BackendSession:
 
     def _on_set_vring_num(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
-        self._ring(msg.payload.index)
+        if self._ring(msg.payload.index).started:
+            raise RemoteProtocolError(f"SET_VRING_NUM on started vring {msg.payload.index}")
         queue = self.device.queues[msg.payload.index]
         num = msg.payload.num
         if num < 1 or num > queue.max_size or num & (num - 1):
