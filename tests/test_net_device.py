@@ -27,6 +27,8 @@ from pvbus.devices.net.frames import HDR_LEN, NET_HDR, format_mac, parse_mac
 from pvbus.testing import FakeGuest, MockDriverQueue
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
 from pvbus.virtio.errors import QueueError
+from pvbus.virtio.memory import GuestMemory
+from pvbus.virtio.split import SplitQueue
 
 MAC = parse_mac("52:54:00:00:00:01")
 PEER = parse_mac("52:54:00:00:00:02")
@@ -50,6 +52,27 @@ class Reactor:
     def fire(self) -> None:
         for callback in list(self.readers.values()):
             callback()
+
+
+class CountingQueue(SplitQueue):
+    """A device queue that records how many chains each used-index update returned."""
+
+    __slots__ = ("publishes",)
+
+    def __init__(self, twin: SplitQueue) -> None:
+        super().__init__(twin.max_size)
+        for name in ("size", "desc_addr", "avail_addr", "used_addr", "ready", "event_idx"):
+            setattr(self, name, getattr(twin, name))
+        self.next_avail, self.next_used = twin.next_avail, twin.next_used
+        self.publishes: list[int] = []
+
+    def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
+        self.publishes.append(1)
+        super().add_used(mem, head, length)
+
+    def add_used_many(self, mem: GuestMemory, entries: list[tuple[int, int]]) -> None:
+        self.publishes.append(len(entries))
+        super().add_used_many(mem, entries)
 
 
 def frame(dst: bytes, src: bytes, payload: bytes, ethertype: int = 0x88B5) -> bytes:
@@ -215,7 +238,10 @@ def test_receive_merges_small_buffers(rig: Rig) -> None:
     rig.post_rx([500] * 8)
     big = frame(MAC, PEER, bytes(range(256)) * 5)  # 1294 bytes + header: three buffers
     rig.peer.send(big)
+    counting = CountingQueue(rig.dev.queues[0])
+    rig.dev.queues[0] = counting
     rig.reactor.fire()
+    assert counting.publishes == [3]  # one used-index update for the whole frame
     used = rig.q[0].receive()
     assert len(used) == 3
     assert NET_HDR.unpack_from(used[0][2][0])[6] == 3

@@ -523,6 +523,7 @@ class NetDevice(VirtioDevice):
             NET_HDR.pack_into(data, 0, 0, GSO_NONE, 0, 0, 0, 0, len(chains))
         data[hdr_len:] = frame
         offset = 0
+        used: list[tuple[int, int]] = []
         for c in chains:
             start = offset
             for baddr, blen in c.writable:
@@ -530,7 +531,9 @@ class NetDevice(VirtioDevice):
                 if take:
                     mem.translate(baddr, take)[:] = data[offset : offset + take]
                     offset += take
-            queue.add_used(mem, c.head, offset - start)
+            used.append((c.head, offset - start))
+        # All buffers of the frame become visible together (5.1.6.4).
+        queue.add_used_many(mem, used)
         self.stats.rx_frames += 1
         self.stats.rx_bytes += len(frame)
         return 0
@@ -541,8 +544,7 @@ class NetDevice(VirtioDevice):
         """Complete receive chains with nothing written; one of them has readable buffers."""
         self.stats.rx_errors += 1
         self._warn("rx-readable", f"receive chain {chains[-1].head} has device-readable buffers")
-        for c in chains:
-            queue.add_used(mem, c.head, 0)
+        queue.add_used_many(mem, [(c.head, 0) for c in chains])
 
     # -- control queue (5.1.6.5) ------------------------------------------------------------
 
