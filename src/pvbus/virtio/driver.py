@@ -65,6 +65,12 @@ class DriverQueue:
         self._desc[:] = bytes(len(self._desc))
         self._avail[:] = bytes(len(self._avail))
         self._used[:] = bytes(len(self._used))
+        # Fields the device reads while the driver writes them (avail idx and flags,
+        # used_event) go through a 16-bit view: one store each. ``Struct.pack_into`` zeroes its
+        # target first, so a device running concurrently could read a transient 0 there.
+        if avail_addr % 2:
+            raise ValueError(f"available ring at odd address {avail_addr:#x}")
+        self._avail16 = self._avail.cast("H")
         self.avail_idx = 0
         self.last_used = 0
         self.kicked_avail = 0
@@ -130,7 +136,7 @@ class DriverQueue:
 
     def publish(self) -> bool:
         """Publish the available index; return whether the device wants a kick (2.7.13.4)."""
-        _U16.pack_into(self._avail, 2, self.avail_idx)
+        self._avail16[1] = self.avail_idx
         old, new = self.kicked_avail, self.avail_idx
         self.kicked_avail = new
         if self.event_idx:
@@ -164,6 +170,6 @@ class DriverQueue:
     def set_interrupts(self, enable: bool) -> None:
         """Ask for interrupts (used_event = last_used with EVENT_IDX) or suppress them."""
         if self.event_idx:
-            _U16.pack_into(self._avail, 4 + 2 * self.size, self.last_used)
+            self._avail16[2 + self.size] = self.last_used  # used_event
         else:
-            _U16.pack_into(self._avail, 0, 0 if enable else VIRTQ_AVAIL_F_NO_INTERRUPT)
+            self._avail16[0] = 0 if enable else VIRTQ_AVAIL_F_NO_INTERRUPT

@@ -29,8 +29,10 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _desc_unpack = _DESC.unpack_from
 _u16_unpack = _U16.unpack_from
-_u16_pack = _U16.pack_into
 _used_pack = _USED_ELEM.pack_into
+# Fields the driver reads while the device writes them (used idx and flags, avail_event) are
+# stored through a 16-bit view: one store each. ``Struct.pack_into`` zeroes its target before
+# packing, so a driver running concurrently could read a transient 0 there.
 
 #: Largest indirect table accepted, in descriptors (Linux never builds more than a queue's worth).
 MAX_INDIRECT = MAX_QUEUE_SIZE
@@ -85,6 +87,7 @@ class SplitQueue:
         "_desc",
         "_mem",
         "_used",
+        "_used16",
         "avail_addr",
         "desc_addr",
         "event_idx",
@@ -114,6 +117,7 @@ class SplitQueue:
         self._desc = memoryview(b"")
         self._avail = memoryview(b"")
         self._used = memoryview(b"")
+        self._used16 = memoryview(b"").cast("H")
 
     def reset(self) -> None:
         """Back to the state after device reset (section 2.1.2)."""
@@ -142,12 +146,16 @@ class SplitQueue:
             self._used = mem.translate(self.used_addr, 6 + 8 * size)
         except GuestMemoryError as err:
             raise QueueError(f"ring outside guest memory: {err}") from err
+        if self.used_addr % 2:
+            raise QueueError(f"used ring at odd address {self.used_addr:#x}")
+        self._used16 = self._used.cast("H")
         self._mem = mem
 
     def unbind(self) -> None:
         """Forget the ring views (before the memory they point into is unmapped)."""
         self._mem = None
         self._desc = self._avail = self._used = memoryview(b"")
+        self._used16 = memoryview(b"").cast("H")
 
     # -- the available ring -----------------------------------------------------------------
 
@@ -237,7 +245,7 @@ class SplitQueue:
         _used_pack(used, 4 + 8 * (idx % self.size), head, length)
         idx = (idx + 1) & 0xFFFF
         self.next_used = idx
-        _u16_pack(used, 2, idx)
+        self._used16[1] = idx
 
     def add_used_many(self, mem: GuestMemory, entries: list[tuple[int, int]]) -> None:
         """Return several chains, publishing the used index once, after all of them.
@@ -254,7 +262,7 @@ class SplitQueue:
             _used_pack(used, 4 + 8 * (idx % size), head, length)
             idx = (idx + 1) & 0xFFFF
         self.next_used = idx
-        _u16_pack(used, 2, idx)
+        self._used16[1] = idx
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last one.
@@ -286,16 +294,14 @@ class SplitQueue:
         """
         if mem is not self._mem:
             self._bind(mem)
-        used = self._used
+        used16 = self._used16
         if self.event_idx:
             if enable:
-                _u16_pack(used, 4 + 8 * self.size, self.next_avail)
+                used16[2 + 4 * self.size] = self.next_avail  # avail_event
         else:
-            flags: int = _u16_unpack(used, 0)[0]
-            _u16_pack(
-                used,
-                0,
-                flags & ~VIRTQ_USED_F_NO_NOTIFY if enable else flags | VIRTQ_USED_F_NO_NOTIFY,
+            flags = used16[0]
+            used16[0] = (
+                flags & ~VIRTQ_USED_F_NO_NOTIFY if enable else flags | VIRTQ_USED_F_NO_NOTIFY
             )
         if not enable:
             return False
