@@ -390,10 +390,11 @@ class NetDevice(VirtioDevice):
         pending = self._pending
         if pending is not None:
             index = self._deliver(memoryview(pending))
-            if index < 0:
-                return
+            if index == -1:
+                return  # still no room: wait for the next kick
             self._pending = None
-            touched.add(index)
+            if index >= 0:
+                touched.add(index)
         backend = self.backend
         if backend is not None:
             scratch = self._scratch_view
