@@ -465,8 +465,7 @@ class NetDevice(VirtioDevice):
                 result = self._place(queue, mem, frame)
                 if result != -1:
                     break
-                # Out of buffers: ask for a kick, and re-check the race (2.7.10).
-                if not queue.set_notification(mem, True):
+                if not _want_kick(queue, mem):
                     return -1
         except GuestMemoryError as err:
             self.stats.rx_errors += 1
@@ -641,6 +640,22 @@ class NetDevice(VirtioDevice):
         self.alluni = self.alluni or len(uni) > MAC_TABLE_ENTRIES
         self.allmulti = self.allmulti or len(multi) > MAC_TABLE_ENTRIES
         return CTRL_OK
+
+
+def _want_kick(queue: SplitQueue, mem: GuestMemory) -> bool:
+    """Out of room: ask for a kick once the driver adds buffers beyond those it has now.
+
+    With MRG_RXBUF some buffers may be there, just not enough, so avail_event must be the
+    driver's current index rather than ours (2.7.10). Returns ``True`` when the driver added
+    more meanwhile (re-check after enabling, to close the race).
+    """
+    seen = queue.avail_idx(mem)
+    ours = queue.next_avail
+    queue.next_avail = seen
+    try:
+        return queue.set_notification(mem, True)
+    finally:
+        queue.next_avail = ours
 
 
 def _unpop(queue: SplitQueue, count: int) -> None:
