@@ -295,3 +295,17 @@ def test_cli_run_errors() -> None:
 def test_exports() -> None:
     for name in pvbus.vm.__all__:
         assert hasattr(pvbus.vm, name), name
+
+
+def test_marker_stream_passes_paused_output_through() -> None:
+    """Output that stops mid-stream is emitted at once, except a possible marker prefix."""
+    seen: list[bytes] = []
+    stream = _MarkerStream(b"PVBUS-EXIT-abc", seen.append)
+    stream.feed(b"written 1234\n")
+    assert b"".join(seen) == b"written 1234\n"
+    stream.feed(b"tail PVBUS-")
+    assert b"".join(seen) == b"written 1234\ntail "
+    stream.feed(b"not the marker\n")
+    assert b"".join(seen) == b"written 1234\ntail PVBUS-not the marker\n"
+    stream.feed(b"PVBUS-EXIT-abc 3\n")
+    assert stream.status == 3

@@ -45,6 +45,8 @@ class DiskSpec:
     path: Path
     read_only: bool = False
     num_queues: int = 1
+    #: An already-running backend to connect to instead of starting one.
+    socket: Path | None = None
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:

@@ -94,6 +94,14 @@ def command_script(argv: Sequence[str]) -> str:
     return argv[0] if len(argv) == 1 else shlex.join(argv)
 
 
+def _prefix_overlap(data: bytes, marker: bytes) -> int:
+    """Length of the longest tail of ``data`` that is a proper prefix of ``marker``."""
+    for n in range(min(len(data), len(marker) - 1), 0, -1):
+        if data.endswith(marker[:n]):
+            return n
+    return 0
+
+
 class _MarkerStream:
     """Splits the port's byte stream into output and the trailing ``<marker> <status>``."""
 
@@ -117,10 +125,11 @@ class _MarkerStream:
             if m:
                 self.status = int(m.group(1))
             return
-        keep = len(self._marker) - 1
-        if len(self._pending) > keep:
-            self._emit(self._pending[: len(self._pending) - keep])
-            self._pending = self._pending[len(self._pending) - keep :]
+        # Hold back only a tail that could be the start of the marker, so output that
+        # pauses (an interactive or long-running command) is never stuck in here.
+        keep = _prefix_overlap(self._pending, self._marker)
+        self._emit(self._pending[: len(self._pending) - keep])
+        self._pending = self._pending[len(self._pending) - keep :]
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -155,6 +164,11 @@ class Vm:
         self._listener: socket.socket | None = None
         self._started = 0.0
         self.accel = ""
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id while it runs."""
+        return self._qemu.pid if self._qemu is not None else None
 
     @property
     def qmp_socket(self) -> Path:
@@ -206,6 +220,9 @@ class Vm:
         initrd.write_bytes(base + command_archive(self.command, self._marker))
         sockets: list[Path] = []
         for i, disk in enumerate(self.config.disks):
+            if disk.socket is not None:
+                sockets.append(disk.socket)
+                continue
             sock = self.workdir / f"disk{i}.sock"
             try:
                 backend = start_backend(

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--read-only", action="store_true", help="open read-only, offer VIRTIO_BLK_F_RO"
     )
     parser.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
-    parser.add_argument("--queue-size", type=int, default=256, help="max queue size (default 256)")
+    parser.add_argument(
+        "--queue-size", type=int, default=1024, help="max queue size (default 1024)"
+    )
     parser.add_argument("--serial", default="pvbus", help="GET_ID string, at most 20 bytes")
 
 

@@ -82,7 +82,7 @@ class BlkConfig:
     image: str
     read_only: bool = False
     num_queues: int = 1
-    queue_size: int = 256
+    queue_size: int = 1024
     serial: str = "pvbus"
     logical_block_size: int = SECTOR
     discard: bool = True
