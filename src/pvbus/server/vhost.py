@@ -168,8 +168,14 @@ class VhostUserServer:
 
     def _kick_handler(self, index: int, kick_fd: int | None) -> Callable[[], None]:
         process = self._process
+        stats = self.device.queue_stats[index]
         if kick_fd is None:
-            return lambda: process(index)
+
+            def polled() -> None:
+                stats.kicks += 1
+                process(index)
+
+            return polled
         read = os.eventfd_read
 
         def kicked() -> None:
@@ -177,6 +183,7 @@ class VhostUserServer:
                 read(kick_fd)
             except BlockingIOError:
                 return
+            stats.kicks += 1
             process(index)
 
         return kicked
@@ -185,6 +192,7 @@ class VhostUserServer:
         try:
             self.device.process(index)
         except Exception as err:  # a device must never take the backend down
+            self.device.queue_stats[index].errors += 1
             if not isinstance(err, VirtioError):
                 log.exception("device error on queue %d", index)
             if self.session is not None:
@@ -196,6 +204,7 @@ class VhostUserServer:
             return
         fd = session.rings[index].call_fd
         if fd is not None:
+            self.device.queue_stats[index].calls += 1
             try:
                 os.eventfd_write(fd, 1)
             except OSError as err:
