@@ -142,6 +142,8 @@ class BlockDevice(VirtioDevice):
         self.max_discard_sectors = (1 << 30) // SECTOR
         self.writeback = 1
         self._zeroes = bytes(1 << 16)
+        #: Counters of the queue being processed.
+        self._stats = self.queue_stats[0]
 
     def close(self) -> None:
         """Close the backing file."""
@@ -203,6 +205,7 @@ class BlockDevice(VirtioDevice):
     # -- requests (section 5.2.6) ------------------------------------------------------------
 
     def process(self, index: int) -> None:
+        self._stats = self.queue_stats[index]
         self.drain(index, self._handle_queue)
 
     def _handle_queue(self, queue: SplitQueue, mem: GuestMemory) -> int:
@@ -235,6 +238,8 @@ class BlockDevice(VirtioDevice):
         except OSError:
             status, written = S_IOERR, 0
         status_view[0] = status
+        if status:
+            self._stats.errors += 1
         return written + 1
 
     def _dispatch(
@@ -280,6 +285,7 @@ class BlockDevice(VirtioDevice):
             return S_IOERR, 0
         if total and os.preadv(self.fd, views, sector * SECTOR) != total:
             return S_IOERR, 0
+        self._stats.bytes += total
         return S_OK, total
 
     def _write(self, sector: int, bufs: list[Buffer], mem: GuestMemory) -> int:
@@ -294,6 +300,7 @@ class BlockDevice(VirtioDevice):
             return S_IOERR
         if total and os.pwritev(self.fd, views, sector * SECTOR) != total:
             return S_IOERR
+        self._stats.bytes += total
         if not self.writeback and self.fd >= 0:
             os.fdatasync(self.fd)
         return S_OK
