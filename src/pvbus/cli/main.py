@@ -12,7 +12,7 @@ from pvbus import __version__
 from pvbus.cli._common import CliError
 
 #: Sub-command modules, each with ``register(subparsers)``.
-_COMMANDS = ("serve", "guest", "run", "demo", "switch")
+_COMMANDS = ("serve", "guest", "run", "demo", "switch", "bench")
 
 Handler = Callable[[argparse.Namespace], int]
 
