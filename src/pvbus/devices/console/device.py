@@ -107,7 +107,7 @@ class ConsoleConfig:
     ports: tuple[PortSpec, ...] = (PortSpec("null"),)
     multiport: bool | None = None
     max_ports: int | None = None
-    queue_size: int = 128
+    queue_size: int = 1024
     cols: int = 0
     rows: int = 0
 

@@ -42,7 +42,7 @@ class RngConfig:
 
     rate: int | None = None
     burst: int | None = None
-    queue_size: int = 256
+    queue_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.rate is not None and self.rate <= 0:
