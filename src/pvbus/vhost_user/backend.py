@@ -349,9 +349,9 @@ class BackendSession:
         ring = self._ring(index)
         if enable > 1:
             raise RemoteProtocolError(f"SET_VRING_ENABLE with {enable}")
-        # QEMU's virtio-net sends this as soon as the backend offers
-        # VHOST_USER_F_PROTOCOL_FEATURES, before SET_FEATURES acks it (peer_attach at realize).
-        if not self.offered_features() & (1 << F_PROTOCOL_FEATURES):
+        # QEMU's virtio-net sends this before SET_FEATURES (peer_attach at realize): refuse it
+        # only once features were acked without VHOST_USER_F_PROTOCOL_FEATURES.
+        if self.features and not self.features & (1 << F_PROTOCOL_FEATURES):
             raise RemoteProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         if bool(enable) == ring.enabled:
             return
