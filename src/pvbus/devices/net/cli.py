@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mac", help="MAC address (default: random 52:54:00:xx:xx:xx)")
     parser.add_argument("--queue-pairs", type=int, default=1, help="rx/tx queue pairs (default 1)")
-    parser.add_argument("--queue-size", type=int, default=256, help="max queue size (default 256)")
+    parser.add_argument(
+        "--queue-size", type=int, default=1024, help="largest ring accepted (default 1024)"
+    )
     parser.add_argument(
         "--no-mrg-rxbuf", action="store_true", help="do not offer VIRTIO_NET_F_MRG_RXBUF"
     )
