@@ -58,7 +58,7 @@ def qemu_net_args(transport: str, socket_path: Path, mac: str, queues: int = 1) 
 def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 15
     while not path.exists():
-        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
         assert time.monotonic() < deadline
         time.sleep(0.02)
 
