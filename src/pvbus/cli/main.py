@@ -12,7 +12,18 @@ from pvbus import __version__
 from pvbus.cli._common import CliError
 
 #: Sub-command modules, each with ``register(subparsers)``.
-_COMMANDS = ("serve", "guest", "run", "demo", "switch", "bench")
+_COMMANDS = (
+    "serve",
+    "guest",
+    "run",
+    "demo",
+    "switch",
+    "bench",
+    "daemon",
+    "device",
+    "vm",
+    "attach",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
