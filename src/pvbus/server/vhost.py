@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 #: Most fds one vhost-user message carries (a full memory table).
 MAX_FDS = 8
 _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+#: Longest Unix socket path, with its terminating NUL (sizeof sun_path).
+_SUN_PATH_MAX = 108
 
 
 def listen_unix(path: str, backlog: int = 4) -> socket.socket:
@@ -48,11 +50,26 @@ def listen_unix(path: str, backlog: int = 4) -> socket.socket:
             finally:
                 probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Bind under a temporary name and link it in once listening, so the path never names a
+    # socket that refuses connections (a frontend may connect as soon as the file appears).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+        tmp = path
     try:
-        sock.bind(path)
+        sock.bind(tmp)
         sock.listen(backlog)
+        if tmp != path:
+            try:
+                os.link(tmp, path)  # unlike rename, never replaces a socket bound meanwhile
+            except FileExistsError as err:
+                raise OSError(errno.EADDRINUSE, f"{path} is in use") from err
+            finally:
+                os.unlink(tmp)
     except OSError:
         sock.close()
+        if tmp != path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     return sock
 
