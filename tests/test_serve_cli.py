@@ -249,7 +249,7 @@ def test_stale_socket_file_is_replaced(tmp_path: Path, image: Path) -> None:
             try:
                 client = VhostUserClient(str(sock))
                 break
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, FileNotFoundError):  # stale file, or replaced
                 assert proc.poll() is None, proc.communicate()[1].decode()
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
