@@ -132,8 +132,15 @@ class VhostUserServer:
                 reply = session.handle(msg)
                 if reply is not None:
                     log.debug("-> %s %s", reply.request.name, reply.payload)
-                    payload, _ = encode(reply)
-                    conn.sendall(payload)
+                    payload, reply_fds = encode(reply)
+                    try:
+                        if reply_fds:
+                            socket.send_fds(conn, [payload], list(reply_fds))
+                        else:
+                            conn.sendall(payload)
+                    finally:
+                        for fd in reply_fds:  # the peer has its own copies now
+                            _close(fd)
         except ProtocolError as err:
             if isinstance(err, RemoteProtocolError):
                 for fd in err.fds:

@@ -27,8 +27,8 @@ from pvbus.vhost_user.messages import (
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     ConfigSpace,
-    Empty,
     Flags,
+    Inflight,
     MemTable,
     Message,
     ProtocolFeature,
@@ -36,8 +36,9 @@ from pvbus.vhost_user.messages import (
     VringAddr,
     VringState,
 )
-from pvbus.virtio.constants import DeviceStatus
+from pvbus.virtio.constants import MAX_QUEUE_SIZE, DeviceStatus
 from pvbus.virtio.errors import VirtioError
+from pvbus.virtio.inflight import SplitInflight, queue_region_size
 from pvbus.virtio.memory import MAX_REGIONS, GuestMemory, MemoryRegion
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ BACKEND_PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.RESET_DEVICE
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
     | 1 << ProtocolFeature.STATUS
+    | 1 << ProtocolFeature.INFLIGHT_SHMFD
 )
 
 
@@ -103,6 +105,8 @@ class BackendSession:
         self.needs_reset = False
         self.owner = False
         self.rings = [Ring() for _ in range(device.num_queues)]
+        self.inflight: MemoryRegion | None = None
+        self.inflight_queue_size = 0
         self.log = log
 
     # -- entry point ------------------------------------------------------------------------
@@ -128,8 +132,13 @@ class BackendSession:
             return self._reply(msg, U64(0))
         return None
 
-    def _reply(self, msg: Message, payload: U64 | VringState | ConfigSpace) -> Message:
-        return Message(msg.request, payload, Flags.VERSION | Flags.REPLY)
+    def _reply(
+        self,
+        msg: Message,
+        payload: U64 | VringState | ConfigSpace | Inflight,
+        fds: tuple[int, ...] = (),
+    ) -> Message:
+        return Message(msg.request, payload, Flags.VERSION | Flags.REPLY, fds)
 
     def _ring(self, index: int) -> Ring:
         if not 0 <= index < len(self.rings):
@@ -282,6 +291,61 @@ class BackendSession:
         )
         removed.close()
 
+    # -- inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) -----------------------
+
+    def _check_inflight(self, req: Inflight) -> int:
+        size = req.queue_size
+        if not 1 <= req.num_queues <= len(self.rings):
+            raise RemoteProtocolError(f"inflight area for {req.num_queues} queues")
+        if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise RemoteProtocolError(f"inflight area for queues of {size}")
+        return req.num_queues * queue_region_size(size)
+
+    def _use_inflight(self, region: MemoryRegion, queue_size: int) -> None:
+        for queue in self.device.queues:
+            queue.attach_inflight(self.device.mem, None)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = region
+        self.inflight_queue_size = queue_size
+
+    def _on_get_inflight_fd(self, msg: Message) -> Message:
+        """A fresh, zeroed area the frontend keeps and hands back to every backend instance."""
+        assert isinstance(msg.payload, Inflight)
+        size = self._check_inflight(msg.payload)
+        fd = os.memfd_create("pvbus-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            region = MemoryRegion.map_fd(fd, 0, size, 0, 0)
+        except (OSError, VirtioError):
+            _close(fd)
+            raise
+        self._use_inflight(region, msg.payload.queue_size)
+        reply = Inflight(size, 0, msg.payload.num_queues, msg.payload.queue_size)
+        return self._reply(msg, reply, (fd,))
+
+    def _on_set_inflight_fd(self, msg: Message) -> None:
+        """The area of an earlier instance: rings resume from what it recorded."""
+        assert isinstance(msg.payload, Inflight)
+        req = msg.payload
+        try:
+            size = self._check_inflight(req)
+            if req.mmap_size < size:
+                raise RemoteProtocolError(f"inflight area of {req.mmap_size} bytes, need {size}")
+            region = MemoryRegion.map_fd(msg.fds[0], 0, size, 0, req.mmap_offset)
+        finally:
+            _close(msg.fds[0])
+        self._use_inflight(region, req.queue_size)
+
+    def _inflight_for(self, index: int) -> SplitInflight | None:
+        area = self.inflight
+        if area is None:
+            return None
+        span = queue_region_size(self.inflight_queue_size)
+        if (index + 1) * span > area.size:
+            return None
+        return SplitInflight(area.buf[index * span : (index + 1) * span], self.inflight_queue_size)
+
     # -- vrings -----------------------------------------------------------------------------
 
     def _on_set_vring_num(self, msg: Message) -> None:
@@ -374,6 +438,9 @@ class BackendSession:
         queue.avail_addr = mem.uaddr_to_gpa(addr.avail, 6 + 2 * size)
         queue.used_addr = mem.uaddr_to_gpa(addr.used, 6 + 8 * size)
         queue.unbind()
+        resubmit = queue.attach_inflight(mem, self._inflight_for(index))
+        if resubmit:
+            self.log.info("vring %d: resubmitting %d inflight requests", index, resubmit)
         queue.ready = True
         ring.started = True
         if not self.features & (1 << F_PROTOCOL_FEATURES):
@@ -421,6 +488,9 @@ class BackendSession:
         self.status = 0
         self.needs_reset = False
         self.device.reset()
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     def close(self) -> None:
         """The connection is gone: stop rings, close every fd, unmap memory."""
@@ -429,4 +499,4 @@ class BackendSession:
         self._set_memory(GuestMemory())
 
 
-__all__ = ["BACKEND_PROTOCOL_FEATURES", "BackendSession", "Empty", "RingListener"]
+__all__ = ["BACKEND_PROTOCOL_FEATURES", "BackendSession", "RingListener"]

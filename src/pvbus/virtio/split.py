@@ -22,6 +22,7 @@ from pvbus.virtio.constants import (
     VIRTQ_USED_F_NO_NOTIFY,
 )
 from pvbus.virtio.errors import GuestMemoryError, QueueError
+from pvbus.virtio.inflight import SplitInflight
 from pvbus.virtio.memory import GuestMemory
 
 _DESC = struct.Struct("<QIHH")
@@ -86,11 +87,13 @@ class SplitQueue:
         "_avail",
         "_desc",
         "_mem",
+        "_resubmit",
         "_used",
         "_used16",
         "avail_addr",
         "desc_addr",
         "event_idx",
+        "inflight",
         "max_size",
         "next_avail",
         "next_used",
@@ -118,6 +121,9 @@ class SplitQueue:
         self._avail = memoryview(b"")
         self._used = memoryview(b"")
         self._used16 = memoryview(b"").cast("H")
+        #: Inflight tracking (vhost-user INFLIGHT_SHMFD), when the frontend shares a region.
+        self.inflight: SplitInflight | None = None
+        self._resubmit: list[int] = []
 
     def reset(self) -> None:
         """Back to the state after device reset (section 2.1.2)."""
@@ -157,6 +163,31 @@ class SplitQueue:
         self._desc = self._avail = self._used = memoryview(b"")
         self._used16 = memoryview(b"").cast("H")
 
+    def attach_inflight(self, mem: GuestMemory, inflight: SplitInflight | None) -> int:
+        """Track chains in ``inflight`` from now on; return how many must be resubmitted.
+
+        With a region that already holds state (the backend restarted), the queue resumes
+        from it: the used index is the ring's, the chains still in flight are handed out
+        again first, oldest first, and the available index is past them.
+        """
+        self.inflight = inflight
+        self._resubmit = []
+        if inflight is None:
+            return 0
+        if mem is not self._mem:
+            self._bind(mem)
+        if self.size > inflight.desc_num:
+            raise QueueError(f"queue of {self.size} with an inflight region of {inflight.desc_num}")
+        ring_used = self._used16[1]
+        heads = inflight.recover(ring_used)
+        if heads is None:
+            return 0
+        self.next_used = ring_used
+        self.next_avail = (ring_used + len(heads)) & 0xFFFF
+        self.signalled_valid = False
+        self._resubmit = heads
+        return len(heads)
+
     # -- the available ring -----------------------------------------------------------------
 
     def avail_idx(self, mem: GuestMemory) -> int:
@@ -177,6 +208,8 @@ class SplitQueue:
         """Take the next available chain, or ``None`` when the ring is empty."""
         if mem is not self._mem:
             self._bind(mem)
+        if self._resubmit:
+            return self.walk(mem, self._resubmit.pop(0))
         avail = self._avail
         n = (_u16_unpack(avail, 2)[0] - self.next_avail) & 0xFFFF
         if n == 0:
@@ -186,7 +219,10 @@ class SplitQueue:
             raise QueueError(f"available index runs {n} ahead of a queue of {size}")
         head: int = _u16_unpack(avail, 4 + 2 * (self.next_avail % size))[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return self.walk(mem, head)
+        chain = self.walk(mem, head)
+        if self.inflight is not None:
+            self.inflight.begin(head)
+        return chain
 
     def walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         """Walk the chain that starts at descriptor ``head`` (sections 2.7.5, 2.7.5.3)."""
@@ -242,10 +278,15 @@ class SplitQueue:
             self._bind(mem)
         used = self._used
         idx = self.next_used
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.pre_put(head)
         _used_pack(used, 4 + 8 * (idx % self.size), head, length)
         idx = (idx + 1) & 0xFFFF
         self.next_used = idx
         self._used16[1] = idx
+        if inflight is not None:
+            inflight.post_put(head, idx)
 
     def add_used_many(self, mem: GuestMemory, entries: list[tuple[int, int]]) -> None:
         """Return several chains, publishing the used index once, after all of them.
@@ -258,11 +299,17 @@ class SplitQueue:
         used = self._used
         idx = self.next_used
         size = self.size
+        inflight = self.inflight
         for head, length in entries:
+            if inflight is not None:
+                inflight.pre_put(head)
             _used_pack(used, 4 + 8 * (idx % size), head, length)
             idx = (idx + 1) & 0xFFFF
         self.next_used = idx
         self._used16[1] = idx
+        if inflight is not None:
+            for head, _ in entries:
+                inflight.post_put(head, idx)
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last one.
