@@ -577,3 +577,26 @@ def test_event_idx_ring(harness: Harness) -> None:
     # The device asked for a kick at the next index (avail_event).
     avail_event = h.mem.translate(drv.used_addr + 4 + 8 * 8, 2)
     assert int.from_bytes(avail_event, "little") == 1
+
+
+def test_509_regions_by_add_mem_reg_and_the_510th_refused(make_blk: MakeBlk) -> None:
+    h = Harness(make_blk())
+    try:
+        negotiate(h)
+        assert h.get_u64(Request.GET_MAX_MEM_SLOTS) == 509
+        h.send(Request.REM_MEM_REG, SingleRegion(Region(GPA, MEM_SIZE, UADDR, 0)))
+        assert len(h.device.mem) == 0
+        page = 4096
+        for i in range(509):
+            region = Region(i * 2 * page, page, 0x1000_0000 + i * page, (i % 256) * page)
+            h.send(Request.ADD_MEM_REG, SingleRegion(region), (os.dup(h.memfd),))
+        assert len(h.device.mem) == 509
+        fd = os.dup(h.memfd)
+        with pytest.raises(RemoteProtocolError, match="509"):
+            h.send(Request.ADD_MEM_REG, SingleRegion(Region(1 << 40, page, 1 << 40, 0)), (fd,))
+        assert not fd_is_open(fd)
+        # Region 300 maps page 300 % 256 of the memfd.
+        h.device.mem.translate(300 * 2 * page, 3)[:] = b"300"
+        assert os.pread(h.memfd, 3, (300 % 256) * page) == b"300"
+    finally:
+        h.close()

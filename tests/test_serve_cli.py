@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pvbus.vhost_user.messages import Request
+from pvbus.vhost_user.messages import U64, Request
 from vhost_client import BackendClosedError, VhostUserClient
 
 T_IN, T_OUT, S_OK = 0, 1, 0
@@ -140,6 +140,16 @@ def test_fds_with_the_wrong_message_close_the_connection(
             bad.send(Request.GET_FEATURES, fds=(fd,))
         finally:
             os.close(fd)
+        with pytest.raises(BackendClosedError):
+            bad.recv()
+    assert proc.poll() is None
+    with VhostUserClient(str(sock)) as bad:
+        fds = [os.eventfd(0) for _ in range(12)]  # more than any message carries
+        try:
+            bad.send(Request.SET_VRING_CALL, U64(0), fds=tuple(fds))
+        finally:
+            for fd in fds:
+                os.close(fd)
         with pytest.raises(BackendClosedError):
             bad.recv()
     assert proc.poll() is None
