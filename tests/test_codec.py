@@ -89,11 +89,11 @@ REQUESTS: list[tuple[Message, bytes]] = [
     ),
     (
         Message(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 256)),
-        hdr(31, V, 20) + struct.pack("<QQHH", 0, 0, 1, 256),
+        hdr(31, V, 24) + struct.pack("<QQHH4x", 0, 0, 1, 256),
     ),
     (
         Message(Request.SET_INFLIGHT_FD, Inflight(4096, 0, 1, 256), V, (10,)),
-        hdr(32, V, 20) + struct.pack("<QQHH", 4096, 0, 1, 256),
+        hdr(32, V, 24) + struct.pack("<QQHH4x", 4096, 0, 1, 256),
     ),
     (Message(Request.RESET_DEVICE, Empty()), hdr(34, V, 0)),
     (Message(Request.GET_MAX_MEM_SLOTS, Empty()), hdr(36, V, 0)),
@@ -131,7 +131,7 @@ REPLIES: list[tuple[Message, bytes]] = [
     ),
     (
         Message(Request.GET_INFLIGHT_FD, Inflight(8192, 0, 2, 128), REPLY, (13,)),
-        hdr(31, REPLY, 20) + struct.pack("<QQHH", 8192, 0, 2, 128),
+        hdr(31, REPLY, 24) + struct.pack("<QQHH4x", 8192, 0, 2, 128),
     ),
     (Message(Request.GET_MAX_MEM_SLOTS, U64(509), REPLY), hdr(36, REPLY, 8) + u64(509)),
     (Message(Request.GET_STATUS, U64(0x4F), REPLY), hdr(40, REPLY, 8) + u64(0x4F)),
@@ -273,7 +273,7 @@ def test_leftover_fds_are_handed_back() -> None:
         (hdr(13, V, 8) + u64(0), (1, 2), "2 fds"),
         (hdr(2, V, 8) + u64(0), (1,), "1 fds"),
         (hdr(21, V, 0), (), "0 fds"),
-        (hdr(32, V, 20) + bytes(20), (), "0 fds"),
+        (hdr(32, V, 24) + bytes(24), (), "0 fds"),
     ],
 )
 def test_wrong_fd_counts_raise_with_the_fds(wire: bytes, fds: tuple[int, ...], match: str) -> None:

@@ -307,7 +307,8 @@ class Inflight:
     mmap_offset: int
     num_queues: int
     queue_size: int
-    _S: ClassVar[struct.Struct] = struct.Struct("<QQHH")
+    #: QEMU and libvhost-user send sizeof(struct vhost_user_inflight): 20 bytes padded to 24.
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQHH4x")
 
     def __post_init__(self) -> None:
         _fits(self._S, self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
