@@ -10,23 +10,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pvbus.bench import (
-    BlkJob,
-    BlkResult,
-    NotifyResult,
-    backend_roundtrip,
-    eventfd_pingpong,
-    managed_backend,
-    parse_size,
-    run_blk,
-)
-from pvbus.bench.blk import RW_MODES
 from pvbus.cli._common import CliError
-from pvbus.frontend import FrontendError
-from pvbus.vm.backends import BackendError
 
+if TYPE_CHECKING:
+    from pvbus.bench import BlkResult
+
+#: Same as pvbus.bench.blk.RW_MODES (kept here so that the parser imports nothing heavy).
+RW_MODES = ("read", "write", "randread", "randwrite")
 BACKEND_KINDS = ("pvbus", "qsd")
 
 
@@ -82,6 +74,8 @@ def _targets(args: argparse.Namespace) -> list[str | None]:
 
 def _ensure_image(path: Path, size_text: str) -> None:
     """Create a missing image filled with data (reads of holes would flatter the backend)."""
+    from pvbus.bench import parse_size
+
     if path.exists():
         return
     try:
@@ -101,6 +95,9 @@ def _ensure_image(path: Path, size_text: str) -> None:
 
 @contextmanager
 def _socket_for(args: argparse.Namespace, kind: str | None, num_queues: int) -> Iterator[str]:
+    from pvbus.bench import managed_backend
+    from pvbus.vm.backends import BackendError
+
     if kind is None:
         yield args.socket_path
         return
@@ -122,6 +119,9 @@ def _progress(label: str) -> Any:
 
 
 def _bench_blk(args: argparse.Namespace) -> int:
+    from pvbus.bench import BlkJob, parse_size, run_blk
+    from pvbus.frontend import FrontendError
+
     try:
         depths = [int(d) for d in str(args.iodepth).split(",") if d]
         bs = parse_size(args.bs)
@@ -257,6 +257,9 @@ def plot_blk(results: list[BlkResult], path: str) -> None:
 
 
 def _bench_notify(args: argparse.Namespace) -> int:
+    from pvbus.bench import NotifyResult, backend_roundtrip, eventfd_pingpong
+    from pvbus.frontend import FrontendError
+
     if args.round_trips < 1:
         raise CliError("--round-trips must be positive")
     print("running eventfd ping-pong", file=sys.stderr, flush=True)
