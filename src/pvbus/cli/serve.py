@@ -76,6 +76,9 @@ def serve(device: VirtioDevice, args: argparse.Namespace) -> int:
             listener = socket.socket(fileno=args.fd)
         except OSError as err:
             raise CliError(f"--fd {args.fd}: {err.strerror}") from err
+        if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            listener.close()
+            raise CliError(f"--fd {args.fd}: not a listening socket")
         path = None
     elif args.socket_path:
         path = args.socket_path
