@@ -24,13 +24,14 @@ from pvbus.server import EventLoop, VhostUserServer, listen_unix
 log = logging.getLogger(__name__)
 
 #: Device types ``pvbus serve`` knows, each with a ``pvbus.devices.<type>.cli`` module.
-DEVICE_TYPES = ("blk", "net", "rng", "console")
+DEVICE_TYPES = ("blk", "net", "rng", "console", "vsock")
 
 _HELP = {
     "blk": "virtio-blk over a raw image or block device",
     "net": "virtio-net over a tap, a pvbus switch or a stream socket",
     "rng": "virtio-rng from getrandom(2), optionally rate-limited",
     "console": "virtio-console ports on Unix sockets, log files or the terminal",
+    "vsock": "virtio-vsock with guest ports mapped to host Unix sockets",
 }
 
 
