@@ -268,3 +268,33 @@ def test_stale_socket_file_is_replaced(tmp_path: Path, image: Path) -> None:
     finally:
         status, err = stop(proc)
     assert status == 0, err
+
+
+def test_bad_inherited_fd(tmp_path: Path, image: Path) -> None:
+    err = run_bad(["serve", "blk", "--fd", "999", "--image", str(image)])
+    assert "--fd 999" in err
+    with open(image, "rb") as f:  # not a socket
+        proc = subprocess.run(
+            [*PVBUS, "serve", "blk", "--fd", str(f.fileno()), "--image", str(image)],
+            pass_fds=[f.fileno()],
+            capture_output=True,
+            timeout=WAIT,
+            check=False,
+        )
+    assert proc.returncode == 2
+    assert len(proc.stderr.decode().strip().splitlines()) == 1
+    # A bound socket that does not listen.
+    bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound.bind(str(tmp_path / "bound.sock"))
+    with bound:
+        fd = bound.fileno()
+        proc = subprocess.run(
+            [*PVBUS, "serve", "blk", "--fd", str(fd), "--image", str(image)],
+            pass_fds=[fd],
+            capture_output=True,
+            timeout=WAIT,
+            check=False,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.strip() == f"pvbus: --fd {fd}: not a listening socket"
