@@ -106,8 +106,9 @@ class MessageReader:
                 raise RemoteProtocolError(
                     f"{request.name} with {len(fds)} fds, expected {least}", fds
                 )
-        elif fds and request is not Request.GET_INFLIGHT_FD:
-            raise RemoteProtocolError(f"{request.name} reply with fds", fds)
+        elif len(fds) > (1 if request is Request.GET_INFLIGHT_FD else 0):
+            # Only GET_INFLIGHT_FD's reply carries an fd: one (none for an empty area).
+            raise RemoteProtocolError(f"{request.name} reply with {len(fds)} fds", fds)
         return Message(request, payload, flags, fds)
 
     def next_message(self) -> Message | None:
