@@ -287,9 +287,15 @@ def test_wrong_fd_counts_raise_with_the_fds(wire: bytes, fds: tuple[int, ...], m
 
 def test_reply_with_fds_refused() -> None:
     reader = MessageReader("frontend")
-    with pytest.raises(RemoteProtocolError, match="reply with fds") as info:
+    with pytest.raises(RemoteProtocolError, match="reply with 1 fds") as info:
         reader.receive_data(hdr(1, REPLY, 8) + u64(0), (5,))
     assert info.value.fds == (5,)
+    inflight = hdr(31, REPLY, 24) + struct.pack("<QQHH4x", 4096, 0, 1, 128)
+    with pytest.raises(RemoteProtocolError, match="reply with 2 fds") as info:
+        MessageReader("frontend").receive_data(inflight, (6, 7))
+    assert info.value.fds == (6, 7)
+    empty = Message(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 128), REPLY)
+    assert decode_all("frontend", [(encode(empty)[0], ())]) == [empty]
 
 
 # -- malformed framing and payloads -------------------------------------------------------
