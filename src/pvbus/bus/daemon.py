@@ -13,9 +13,11 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -88,6 +90,23 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM once it has shut down, which would kill the process
+    before the API socket is removed; here a signal only asks the server to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
 def run_daemon(api_socket: Path, run_dir: Path | None = None) -> int:
     """Serve the API until SIGTERM/SIGINT; returns the exit status."""
     run_dir = run_dir or api_socket.parent
@@ -100,7 +119,7 @@ def run_daemon(api_socket: Path, run_dir: Path | None = None) -> int:
         timeout_graceful_shutdown=2,
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     log.info("pvbus daemon listening", extra={"api_socket": str(api_socket), "pid": os.getpid()})
     try:
         asyncio.run(server.serve(sockets=[sock]))
