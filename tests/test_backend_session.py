@@ -114,7 +114,7 @@ class Harness:
         reply = self.session.handle(decoded)
         if reply is not None:
             front = MessageReader("frontend")
-            front.receive_data(encode(reply)[0])
+            front.receive_data(*encode(reply))
             assert front.next_message() == reply
         return reply
 

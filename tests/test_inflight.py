@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from conftest import MakeBlk, fd_is_open
 from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.vhost_user.errors import RemoteProtocolError
+from pvbus.vhost_user.messages import U64, Inflight, Request, VringAddr, VringState
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.inflight import SplitInflight, queue_region_size
 from pvbus.virtio.split import SplitQueue
+from test_backend_session import Harness, negotiate
 
 SIZE = 8
 
@@ -111,3 +117,63 @@ def test_corrupt_batch_list_is_a_queue_error() -> None:
     area[14:16] = b"\0\0"  # and the recorded used index behind the ring's
     with pytest.raises(QueueError):
         _twin(mock).attach_inflight(guest.mem, SplitInflight(memoryview(area), SIZE))
+
+
+def test_backend_session_hands_out_and_takes_back_the_inflight_area(make_blk: MakeBlk) -> None:
+    """GET_INFLIGHT_FD, a backend that dies mid-request, SET_INFLIGHT_FD in its successor."""
+    first = Harness(make_blk(num_queues=1, queue_size=256))
+    try:
+        negotiate(first)
+        reply = first.send(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 256))
+        assert reply is not None and isinstance(reply.payload, Inflight)
+        assert reply.payload.mmap_size == queue_region_size(256)
+        assert reply.payload.num_queues == 1 and reply.payload.queue_size == 256
+        (area_fd,) = reply.fds
+        drv, _, _ = first.setup_ring(0, size=16)
+        # The device takes two requests, completes the second and dies.
+        statuses = [first.blk_request(drv, 1, i, bytes([i]) * 512, 0) for i in range(2)]
+        device, mem = first.device, first.device.mem
+        queue = device.queues[0]
+        taken = [queue.pop(mem), queue.pop(mem)]
+        assert taken[0] is not None and taken[1] is not None
+        queue.add_used(mem, taken[1].head, device.execute(taken[1], mem))
+        statuses.append(first.blk_request(drv, 1, 2, b"\x02" * 512, 0))
+        assert [first.status(s) for s in statuses] == [0xFF, 0, 0xFF]
+        done = drv.get_used()
+
+        second = Harness(first.device)
+        second.mem.close()
+        os.close(second.memfd)
+        second.mem, second.memfd = first.mem, first.memfd  # the same guest, a new session
+        negotiate(second)
+        second.send(
+            Request.SET_INFLIGHT_FD, Inflight(queue_region_size(256), 0, 1, 256), (area_fd,)
+        )
+        assert not fd_is_open(area_fd)  # mapped and closed by the session
+        # The same rings; the frontend lost the real base and sends the used index, 1.
+        second.send(Request.SET_VRING_NUM, VringState(0, 16))
+        addr = VringAddr(
+            0,
+            0,
+            first.uaddr(drv.desc_addr),
+            first.uaddr(drv.used_addr),
+            first.uaddr(drv.avail_addr),
+        )
+        second.send(Request.SET_VRING_ADDR, addr)
+        second.send(Request.SET_VRING_BASE, VringState(0, 1))
+        second.send(Request.SET_VRING_CALL, U64(0), (second.eventfd(),))
+        second.send(Request.SET_VRING_KICK, U64(0), (second.eventfd(),))
+        second.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+        second.device.process(0)  # what the server does when a ring starts
+        assert [second.status(s) for s in statuses] == [0] * 3
+        done += drv.get_used()
+        assert sorted(head for head, _ in done) == sorted({head for head, _ in done})
+        assert len(done) == 3 and drv.num_free == 16  # every chain back exactly once
+        data = first.device.fd
+        assert os.pread(data, 3 * 512, 0) == b"\0" * 512 + b"\1" * 512 + b"\2" * 512
+        with pytest.raises(RemoteProtocolError):
+            second.send(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 256))  # two queues of one
+        with pytest.raises(RemoteProtocolError):
+            second.send(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 300))  # not a power of two
+    finally:
+        first.close()

@@ -125,7 +125,7 @@ def start_backend(
     if not disk.path.exists():
         raise BackendError(f"disk image {disk.path} does not exist")
     socket_path.unlink(missing_ok=True)
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:  # a restarted backend appends to its log
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     backend = Backend(disk, socket_path, proc, log_path)
     deadline = time.monotonic() + timeout

@@ -14,9 +14,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pvbus.vm.devices import DeviceSpec, qemu_device_args
 from pvbus.vm.guest import DEFAULT_SUITE, OUTPUT_PORT, SUITES
 
 __all__ = [
+    "COMMAND_CHANNELS",
     "DISK_BACKENDS",
     "MACHINES",
     "QBOOT",
@@ -28,11 +30,15 @@ __all__ = [
     "host_tsc_khz",
     "kernel_cmdline",
     "qemu_argv",
+    "reconnect_option",
 ]
 
 TRANSPORTS = ("pci", "mmio")
 MACHINES = {"pci": ("q35", "pc"), "mmio": ("microvm",)}
 DISK_BACKENDS = ("pvbus", "qsd")
+#: How the command's output and status come back: a vsock stream (falling back to the
+#: virtio-serial port if the guest cannot connect) or the virtio-serial port only.
+COMMAND_CHANNELS = ("vsock", "serial")
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 _MICROVM = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off"
@@ -79,8 +85,14 @@ class VmConfig:
     cpus: int = 1
     disks: tuple[DiskSpec, ...] = ()
     disk_backend: str = "pvbus"
+    #: Extra pvbus devices (rng, console, vsock), each served by its own ``pvbus serve``.
+    devices: tuple[DeviceSpec, ...] = ()
+    command_channel: str = "vsock"
     kernel_suite: str = DEFAULT_SUITE
     kernel_args: tuple[str, ...] = ()
+    #: Reconnect to a backend that went away, after this many ms (0: never). With pvbus's
+    #: inflight tracking the guest then goes on without an I/O error.
+    reconnect_ms: int = 200
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
 
@@ -100,6 +112,8 @@ class VmConfig:
             raise ValueError("cpus must be between 1 and 64")
         if self.disk_backend not in DISK_BACKENDS:
             raise ValueError(f"unknown disk backend {self.disk_backend!r}")
+        if self.command_channel not in COMMAND_CHANNELS:
+            raise ValueError(f"unknown command channel {self.command_channel!r}")
         if self.kernel_suite not in SUITES:
             raise ValueError(f"unknown kernel suite {self.kernel_suite!r}")
 
@@ -119,6 +133,10 @@ class VmPaths:
     output_socket: Path
     qmp_socket: Path
     disk_sockets: tuple[Path, ...] = ()
+    #: One vhost-user socket per entry of :attr:`VmConfig.devices` (then any the runner adds).
+    device_sockets: tuple[Path, ...] = ()
+    #: Devices the runner adds itself (the command channel's vsock).
+    runner_devices: tuple[DeviceSpec, ...] = ()
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
@@ -148,7 +166,22 @@ def _device(config: VmConfig, pci: str, mmio: str) -> str:
     return mmio if config.transport == "mmio" else pci
 
 
-def qemu_argv(config: VmConfig, paths: VmPaths, accel: str, tsc_khz: int = 0) -> list[str]:
+def reconnect_option(reconnect_ms: int, qemu_version: tuple[int, int]) -> str:
+    """The socket chardev's reconnect option: ``reconnect-ms`` from QEMU 9.2, else seconds."""
+    if reconnect_ms <= 0:
+        return ""
+    if qemu_version >= (9, 2):
+        return f",reconnect-ms={reconnect_ms}"
+    return f",reconnect={max(1, round(reconnect_ms / 1000))}"
+
+
+def qemu_argv(
+    config: VmConfig,
+    paths: VmPaths,
+    accel: str,
+    tsc_khz: int = 0,
+    qemu_version: tuple[int, int] = (10, 0),
+) -> list[str]:
     """The full QEMU command line; ``accel`` is the resolved ``kvm`` or ``tcg``."""
     if len(paths.disk_sockets) != len(config.disks):
         raise ValueError("one socket per disk is needed")
@@ -170,8 +203,12 @@ def qemu_argv(config: VmConfig, paths: VmPaths, accel: str, tsc_khz: int = 0) ->
     argv += ["-device", f"virtserialport,bus=vser.0,chardev=pvbusout,name={OUTPUT_PORT}"]
     blk = _device(config, "vhost-user-blk-pci", "vhost-user-blk")
     for i, (disk, sock) in enumerate(zip(config.disks, paths.disk_sockets, strict=True)):
-        argv += ["-chardev", f"socket,id=disk{i},path={sock}"]
+        reconnect = reconnect_option(config.reconnect_ms, qemu_version)
+        argv += ["-chardev", f"socket,id=disk{i},path={sock}{reconnect}"]
         argv += ["-device", f"{blk},id=vdisk{i},chardev=disk{i},num-queues={disk.num_queues}"]
+    devices = config.devices + paths.runner_devices
+    for i, (spec, sock) in enumerate(zip(devices, paths.device_sockets, strict=True)):
+        argv += qemu_device_args(spec, config.transport, i, sock)
     argv += ["-qmp", f"unix:{paths.qmp_socket},server=on,wait=off"]
     argv += list(config.extra_args)
     return argv

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import re
 import secrets
@@ -27,6 +28,7 @@ from types import TracebackType
 
 from pvbus.vm.accel import choose_accel
 from pvbus.vm.backends import Backend, BackendError, start_backend
+from pvbus.vm.devices import DeviceBackend, DeviceSpec, start_device
 from pvbus.vm.guest import GuestImage, command_archive, default_guest
 from pvbus.vm.qemu import VmConfig, VmPaths, host_tsc_khz, qemu_argv
 
@@ -42,6 +44,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Host vsock port the guest's init connects to for the command's output (vsock channel).
+COMMAND_PORT = 1024
+#: The guest's CID when the runner adds the vsock device.
+GUEST_CID = 3
 
 #: What ``/init`` prints on the console right before it starts the command.
 INIT_READY = b"pvbus-init: running command"
@@ -102,6 +109,19 @@ def _prefix_overlap(data: bytes, marker: bytes) -> int:
     return 0
 
 
+@functools.cache
+def qemu_version(qemu: str) -> tuple[int, int]:
+    """(major, minor) of ``qemu --version``; (0, 0) if it cannot be read."""
+    try:
+        out = subprocess.run(
+            [qemu, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 class _MarkerStream:
     """Splits the port's byte stream into output and the trailing ``<marker> <status>``."""
 
@@ -160,8 +180,12 @@ class Vm:
         self.state = VmState.CREATED
         self._marker = "PVBUS-EXIT-" + secrets.token_hex(12)
         self._backends: list[Backend] = []
+        self.backend_restarts = 0
         self._qemu: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
+        #: Where the guest's vsock connection to :data:`COMMAND_PORT` arrives (vsock channel).
+        self._vsock_listener: socket.socket | None = None
+        self._devices: list[DeviceBackend] = []
         self._started = 0.0
         self.accel = ""
 
@@ -217,7 +241,9 @@ class Vm:
         initrd = self.workdir / "initrd.img"
         base = guest.initramfs.read_bytes()
         base += b"\0" * (-len(base) % 4)
-        initrd.write_bytes(base + command_archive(self.command, self._marker))
+        use_vsock = self.config.command_channel == "vsock"
+        vsock_port = COMMAND_PORT if use_vsock else None
+        initrd.write_bytes(base + command_archive(self.command, self._marker, vsock_port))
         sockets: list[Path] = []
         for i, disk in enumerate(self.config.disks):
             if disk.socket is not None:
@@ -236,6 +262,22 @@ class Vm:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(out_sock))
         self._listener.listen(1)
+        runner_devices: tuple[DeviceSpec, ...] = ()
+        if use_vsock:
+            # The vsock device maps guest connections to host port P to <uds>_P.
+            uds = self.workdir / "vsock.sock"
+            self._vsock_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._vsock_listener.bind(f"{uds}_{COMMAND_PORT}")
+            self._vsock_listener.listen(1)
+            runner_devices = (DeviceSpec.vsock(uds, GUEST_CID),)
+        device_sockets: list[Path] = []
+        for i, spec in enumerate(self.config.devices + runner_devices):
+            sock = self.workdir / f"dev{i}.sock"
+            try:
+                self._devices.append(start_device(spec, sock, self.workdir / f"dev{i}.log"))
+            except RuntimeError as err:
+                raise VmError(str(err)) from err
+            device_sockets.append(sock)
         paths = VmPaths(
             kernel=guest.kernel,
             initrd=initrd,
@@ -243,8 +285,12 @@ class Vm:
             output_socket=out_sock,
             qmp_socket=self.qmp_socket,
             disk_sockets=tuple(sockets),
+            device_sockets=tuple(device_sockets),
+            runner_devices=runner_devices,
         )
-        argv = qemu_argv(self.config, paths, accel.name, host_tsc_khz())
+        argv = qemu_argv(
+            self.config, paths, accel.name, host_tsc_khz(), qemu_version(self.config.qemu)
+        )
         log.debug("qemu: %s", shlex.join(argv))
         self._started = time.monotonic()
         with self.qemu_log.open("wb") as qlog:
@@ -256,32 +302,37 @@ class Vm:
             raise VmError("VM not started")
         stream = _MarkerStream(self._marker.encode(), on_output)
         deadline = None if timeout is None else self._started + timeout
-        conn: socket.socket | None = None
+        # The output comes on the virtio-serial port (QEMU connects at start) or on the vsock
+        # stream (the vsock backend connects when the guest does); whichever carries it.
+        listeners = [sock for sock in (self._listener, self._vsock_listener) if sock is not None]
+        conns: list[socket.socket] = []
         boot_seconds: float | None = None
         try:
             while stream.status is None:
                 now = time.monotonic()
+                self.revive_backends()
                 if boot_seconds is None and self._booted():
                     boot_seconds = now - self._started
                 if deadline is not None and now >= deadline:
                     self._timeout(timeout or 0.0, bytes(stream.output))
-                if self._qemu.poll() is not None and conn is None:
+                if self._qemu.poll() is not None and not conns:
                     self._died(bytes(stream.output))
                 wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
-                watched: list[socket.socket] = [conn or self._listener]
-                ready, _, _ = select.select(watched, [], [], wait)
-                if not ready:
-                    continue
-                if conn is None:
-                    conn, _ = self._listener.accept()
-                    continue
-                data = conn.recv(65536)
-                if not data:
-                    self._qemu.wait()
-                    self._died(bytes(stream.output))
-                stream.feed(data)
+                ready, _, _ = select.select(conns + listeners, [], [], wait)
+                for sock in ready:
+                    if sock in listeners:
+                        conns.append(sock.accept()[0])
+                        listeners.remove(sock)
+                        continue
+                    data = sock.recv(65536)
+                    if not data:
+                        # QEMU went away, or the guest's command stream ended with no status.
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self._qemu.wait(30)
+                        self._died(bytes(stream.output))
+                    stream.feed(data)
         finally:
-            if conn is not None:
+            for conn in conns:
                 conn.close()
         elapsed = time.monotonic() - self._started
         try:
@@ -291,6 +342,33 @@ class Vm:
         if boot_seconds is None and self._booted():
             boot_seconds = elapsed
         return RunResult(bytes(stream.output), stream.status, elapsed, boot_seconds)
+
+    @property
+    def backends(self) -> list[Backend]:
+        """The disk backends this VM started (not those it only connects to)."""
+        return list(self._backends)
+
+    def revive_backends(self) -> int:
+        """Restart every backend that died while the VM runs; return how many.
+
+        QEMU reconnects to the same socket path (``reconnect_ms``) and the backend resumes
+        the rings from the inflight area QEMU kept, so the guest sees no error.
+        """
+        revived = 0
+        for i, backend in enumerate(self._backends):
+            status = backend.process.poll()
+            if status is None or self.state is not VmState.RUNNING:
+                continue
+            log.warning("backend for %s died (%s); restarting it", backend.disk.path, status)
+            try:
+                self._backends[i] = start_backend(
+                    self.config.disk_backend, backend.disk, backend.socket_path, backend.log_path
+                )
+            except BackendError as err:
+                raise VmError(f"cannot restart the backend: {err}") from err
+            self.backend_restarts += 1
+            revived += 1
+        return revived
 
     def _qemu_error(self) -> str:
         try:
@@ -336,6 +414,14 @@ class Vm:
             if status not in (0, None, -15):
                 log.warning("backend for %s exited with %s", backend.disk.path, status)
         self._backends.clear()
+        for device in self._devices:
+            status = device.stop()
+            if status not in (0, None, -15):
+                log.warning("pvbus serve %s exited with %s", device.spec.kind, status)
+        self._devices.clear()
+        if self._vsock_listener is not None:
+            self._vsock_listener.close()
+            self._vsock_listener = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
