@@ -168,8 +168,13 @@ class DriverQueue:
         return out
 
     def set_interrupts(self, enable: bool) -> None:
-        """Ask for interrupts (used_event = last_used with EVENT_IDX) or suppress them."""
+        """Ask for interrupts (used_event = last_used with EVENT_IDX) or suppress them.
+
+        With EVENT_IDX, suppressing sets used_event just behind last_used: the device would
+        signal only after the used index went all the way round (section 2.7.10).
+        """
         if self.event_idx:
-            self._avail16[2 + self.size] = self.last_used  # used_event
+            event = self.last_used if enable else (self.last_used - 1) & 0xFFFF
+            self._avail16[2 + self.size] = event  # used_event
         else:
             self._avail16[0] = 0 if enable else VIRTQ_AVAIL_F_NO_INTERRUPT
