@@ -87,3 +87,24 @@ def test_fake_guest_allocator() -> None:
     assert bytes(guest.mem.translate(c, 3)) == b"xyz"
     with pytest.raises(MemoryError):
         guest.alloc(4096)
+
+
+def test_set_interrupts_off_with_event_idx_suppresses_them() -> None:
+    guest = FakeGuest()
+    drv = MockDriverQueue(guest, 8, event_idx=True)
+    queue = drv.device_queue
+    queue.needs_notification(guest.mem)  # the first signal is unconditional; now it follows
+    drv.set_interrupts(False)
+    for _ in range(3):
+        drv.send([b"a"], [1])
+        chain = queue.pop(guest.mem)
+        assert chain is not None
+        queue.add_used(guest.mem, chain.head, 1)
+        assert queue.needs_notification(guest.mem) is False
+    drv.receive()
+    drv.set_interrupts(True)
+    drv.send([b"a"], [1])
+    chain = queue.pop(guest.mem)
+    assert chain is not None
+    queue.add_used(guest.mem, chain.head, 1)
+    assert queue.needs_notification(guest.mem) is True
