@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pvbus.vm._cpio import CpioWriter
 from pvbus.vm._modules import ModuleIndex, decompress_module
+from pvbus.vm._vsock_helper import helper_elf
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -65,7 +66,17 @@ GUEST_MODULES = (
 )
 
 #: Bump when the layout of the built image changes.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
+
+#: ``/pvbus/run``: the command with its output and status on stdout (the vsock stream).
+RUN_SCRIPT = """#!/bin/sh
+touch /tmp/.pvbus-ran
+cd /root
+sh /pvbus/cmd </dev/null 2>&1
+rc=$?
+sync
+printf '%s %d\\n' "$(cat /pvbus/marker)" "$rc"
+"""
 
 Progress = Callable[[str], None]
 
@@ -83,6 +94,14 @@ while read -r mod; do
 done < /pvbus/modules
 hostname pvbus
 ip link set lo up 2>/dev/null
+if [ -f /pvbus/vsock_port ]; then
+  # Output and status over vsock to host port N (the runner listens); vsock-exec exits
+  # 111 before running anything if it cannot connect: then use the virtio-serial port.
+  echo "pvbus-init: running command"
+  vsock-exec c 2 "$(cat /pvbus/vsock_port)" /bin/sh /pvbus/run
+  [ -f /tmp/.pvbus-ran ] && poweroff -f
+  echo "pvbus-init: no vsock connection; using the virtio-serial port"
+fi
 out=""
 i=0
 while [ -z "$out" ] && [ $i -lt 500 ]; do
@@ -221,7 +240,7 @@ def _key(*parts: str | bytes) -> str:
 
 
 def _guest_dir(cache: Path, kernel_deb: str, busybox_deb: str, modules: Iterable[str]) -> Path:
-    key = _key(str(_BUILD_VERSION), INIT_SCRIPT, busybox_deb, *modules)
+    key = _key(str(_BUILD_VERSION), INIT_SCRIPT, RUN_SCRIPT, busybox_deb, *modules)
     return cache / "guests" / f"{kernel_deb.removesuffix('.deb')}-{key}"
 
 
@@ -302,6 +321,8 @@ def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\n")
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.file("pvbus/run", RUN_SCRIPT.encode(), 0o755)
+    cpio.file("bin/vsock-exec", helper_elf(), 0o755)
     names: list[str] = []
     for mod in ordered:
         fname = f"{mod.name}.ko"
@@ -313,12 +334,15 @@ def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
     return packed + b"\0" * (-len(packed) % 512)
 
 
-def command_archive(command: str, marker: str) -> bytes:
-    """The per-run cpio appended to the base initramfs: ``/pvbus/cmd`` and ``/pvbus/marker``."""
+def command_archive(command: str, marker: str, vsock_port: int | None = None) -> bytes:
+    """The per-run cpio appended to the base initramfs: ``/pvbus/cmd`` and ``/pvbus/marker``,
+    and ``/pvbus/vsock_port`` when the output is to come back over vsock."""
     cpio = CpioWriter()
     cpio.directory("pvbus")
     cpio.file("pvbus/cmd", command.encode() + b"\n", 0o755)
     cpio.file("pvbus/marker", marker.encode())
+    if vsock_port is not None:
+        cpio.file("pvbus/vsock_port", f"{vsock_port}\n".encode())
     return cpio.finish()
 
 

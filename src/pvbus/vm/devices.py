@@ -1,0 +1,157 @@
+"""Extra pvbus devices for a VM: rng, console and vsock, each served by ``pvbus serve``.
+
+A :class:`DeviceSpec` names the device type and its ``pvbus serve`` options; the runner starts
+one backend process per spec (:func:`start_device`) and QEMU gets a vhost-user device on its
+socket (:func:`qemu_device_args`). QEMU has dedicated vhost-user devices for rng and vsock;
+the console uses the generic ``vhost-user-device`` (QEMU docs/system/devices/vhost-user.rst),
+which needs the virtio id, the queue count and the config size on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvbus.devices.console.device import CONFIG as CONSOLE_CONFIG
+from pvbus.devices.console.device import ConsoleConfig, PortSpec
+
+__all__ = [
+    "DEVICE_KINDS",
+    "DeviceBackend",
+    "DeviceSpec",
+    "qemu_device_args",
+    "serve_argv",
+    "start_device",
+]
+
+DEVICE_KINDS = ("rng", "console", "vsock")
+
+#: QEMU device per kind and transport (pci, mmio).
+_QEMU_DEVICES = {
+    "rng": ("vhost-user-rng-pci", "vhost-user-rng"),
+    "vsock": ("vhost-user-vsock-pci", "vhost-user-vsock-device"),
+    "console": ("vhost-user-device-pci", "vhost-user-device"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One extra device: its kind and the options given to ``pvbus serve <kind>``."""
+
+    kind: str
+    args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEVICE_KINDS:
+            raise ValueError(f"unknown device {self.kind!r} (use {', '.join(DEVICE_KINDS)})")
+
+    @classmethod
+    def rng(cls, rate_limit: int | None = None) -> DeviceSpec:
+        return cls("rng", () if rate_limit is None else ("--rate-limit", str(rate_limit)))
+
+    @classmethod
+    def console(cls, *ports: str) -> DeviceSpec:
+        """Ports as ``pvbus serve console --port`` takes them (the first is hvc0)."""
+        args: list[str] = []
+        for port in ports or ("null",):
+            args += ["--port", port]
+        return cls("console", tuple(args))
+
+    @classmethod
+    def vsock(cls, uds_path: Path, guest_cid: int = 3) -> DeviceSpec:
+        return cls("vsock", ("--uds-path", str(uds_path), "--guest-cid", str(guest_cid)))
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceSpec:
+        """``KIND[:OPTION=VALUE,...]`` from the command line, e.g. ``console:port=socket:/c``.
+
+        Each ``key=value`` becomes ``--key value`` for ``pvbus serve KIND``.
+        """
+        kind, _, rest = text.partition(":")
+        args: list[str] = []
+        for opt in filter(None, rest.split(",")):
+            key, eq, value = opt.partition("=")
+            if not eq or not key:
+                raise ValueError(f"device {text!r}: option {opt!r} is not key=value")
+            args += [f"--{key}", value]
+        return cls(kind, tuple(args))
+
+    def console_queues(self) -> int:
+        """The console's queue count, as the backend will compute it from the same ports."""
+        ports = [v for k, v in zip(self.args, self.args[1:], strict=False) if k == "--port"]
+        specs = tuple(PortSpec.parse(p) for p in ports or ["stdio"])
+        max_ports = None
+        if "--max-ports" in self.args:
+            max_ports = int(self.args[self.args.index("--max-ports") + 1])
+        multiport = True if "--multiport" in self.args else None
+        return ConsoleConfig(ports=specs, multiport=multiport, max_ports=max_ports).num_queues
+
+
+def serve_argv(spec: DeviceSpec, socket_path: Path) -> list[str]:
+    """``pvbus serve`` for ``spec`` in this interpreter."""
+    argv = [sys.executable, "-m", "pvbus.cli.main", "serve", spec.kind]
+    return [*argv, "--socket-path", str(socket_path), *spec.args]
+
+
+def qemu_device_args(spec: DeviceSpec, transport: str, index: int, socket_path: Path) -> list[str]:
+    """``-chardev`` and ``-device`` for ``spec`` on ``socket_path``."""
+    pci, mmio = _QEMU_DEVICES[spec.kind]
+    device = mmio if transport == "mmio" else pci
+    chardev = f"pvdev{index}"
+    props = f"{device},id=pvdev{index}dev,chardev={chardev}"
+    if spec.kind == "console":
+        props += f",virtio-id=3,num_vqs={spec.console_queues()},config_size={CONSOLE_CONFIG.size}"
+    return ["-chardev", f"socket,id={chardev},path={socket_path}", "-device", props]
+
+
+@dataclass
+class DeviceBackend:
+    """A running ``pvbus serve`` process for one device."""
+
+    spec: DeviceSpec
+    socket_path: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_device(
+    spec: DeviceSpec, socket_path: Path, log_path: Path, *, timeout: float = 15.0
+) -> DeviceBackend:
+    """Start the backend for ``spec`` and wait until it listens; raises RuntimeError."""
+    socket_path.unlink(missing_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            serve_argv(spec, socket_path), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+    backend = DeviceBackend(spec, socket_path, proc, log_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if stat.S_ISSOCK(os.stat(socket_path).st_mode):
+                return backend
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"pvbus serve {spec.kind} exited ({proc.returncode}): {tail}")
+        if time.monotonic() > deadline:
+            backend.stop()
+            raise RuntimeError(f"pvbus serve {spec.kind} did not create {socket_path}")
+        time.sleep(0.02)
