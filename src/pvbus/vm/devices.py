@@ -82,6 +82,14 @@ class DeviceSpec:
             args += [f"--{key}", value]
         return cls(kind, tuple(args))
 
+    def option(self, name: str) -> str | None:
+        """The value given for ``--name``, if any."""
+        flag = f"--{name}"
+        for key, value in zip(self.args, self.args[1:], strict=False):
+            if key == flag:
+                return value
+        return None
+
     def console_queues(self) -> int:
         """The console's queue count, as the backend will compute it from the same ports."""
         ports = [v for k, v in zip(self.args, self.args[1:], strict=False) if k == "--port"]

@@ -185,6 +185,7 @@ class Vm:
         self._listener: socket.socket | None = None
         #: Where the guest's vsock connection to :data:`COMMAND_PORT` arrives (vsock channel).
         self._vsock_listener: socket.socket | None = None
+        self._vsock_path: Path | None = None
         self._devices: list[DeviceBackend] = []
         self._started = 0.0
         self.accel = ""
@@ -264,12 +265,17 @@ class Vm:
         self._listener.listen(1)
         runner_devices: tuple[DeviceSpec, ...] = ()
         if use_vsock:
-            # The vsock device maps guest connections to host port P to <uds>_P.
-            uds = self.workdir / "vsock.sock"
+            # The vsock device maps guest connections to host port P to <uds>_P. A guest has
+            # one vsock transport: reuse a vsock device the config asks for, else add one.
+            given = [d.option("uds-path") for d in self.config.devices if d.kind == "vsock"]
+            uds = Path(given[0]) if given and given[0] else self.workdir / "vsock.sock"
+            if not given:
+                runner_devices = (DeviceSpec.vsock(uds, GUEST_CID),)
             self._vsock_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._vsock_listener.bind(f"{uds}_{COMMAND_PORT}")
+            self._vsock_path = Path(f"{uds}_{COMMAND_PORT}")
+            self._vsock_path.unlink(missing_ok=True)
+            self._vsock_listener.bind(str(self._vsock_path))
             self._vsock_listener.listen(1)
-            runner_devices = (DeviceSpec.vsock(uds, GUEST_CID),)
         device_sockets: list[Path] = []
         for i, spec in enumerate(self.config.devices + runner_devices):
             sock = self.workdir / f"dev{i}.sock"
@@ -422,6 +428,8 @@ class Vm:
         if self._vsock_listener is not None:
             self._vsock_listener.close()
             self._vsock_listener = None
+        if self._vsock_path is not None:
+            self._vsock_path.unlink(missing_ok=True)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
