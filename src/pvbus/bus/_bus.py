@@ -520,6 +520,14 @@ class Bus:
             await rec.qmp.disconnect()
         await self._vm_gone(rec, "stopped" if rec.owned else "released")
 
+    async def chardevs(self, vm_id: str) -> list[str]:
+        """Labels of QEMU's character devices (``query-chardev``); [] once the VM stopped."""
+        rec = self.vm(vm_id)
+        if rec.qmp.runstate != Runstate.RUNNING:
+            return []
+        result: list[dict[str, Any]] = await rec.qmp.execute("query-chardev")  # type: ignore[assignment]
+        return sorted(str(c["label"]) for c in result)
+
     # -- hot-plug ---------------------------------------------------------------------------
 
     async def _free_bus(self, rec: VmRecord) -> str:

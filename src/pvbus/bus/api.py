@@ -197,9 +197,9 @@ def create_app(run_dir: Path) -> FastAPI:
     async def start_vm(spec: VmSpec) -> dict[str, Any]:
         return (await bus.start_vm(spec)).info()
 
-    @app.get("/vms/{vm_id}", summary="Inspect a VM")
+    @app.get("/vms/{vm_id}", summary="Inspect a VM (with QEMU's chardevs, from query-chardev)")
     async def get_vm(vm_id: str) -> dict[str, Any]:
-        return bus.vm(vm_id).info()
+        return {**bus.vm(vm_id).info(), "chardevs": await bus.chardevs(vm_id)}
 
     @app.delete("/vms/{vm_id}", status_code=204, summary="Stop (or release an adopted) VM")
     async def stop_vm(vm_id: str) -> None:
