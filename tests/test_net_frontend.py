@@ -209,7 +209,7 @@ def test_serve_net_errors() -> None:
     caps = run("--print-capabilities")
     assert caps.returncode == 0 and '"type": "net"' in caps.stdout
     for args, message in (
-        (("--socket-path", "/tmp/x.sock"), "one of --tap, --switch or --stream"),
+        (("--socket-path", "/tmp/x.sock"), "one of --tap, --switch, --stream or --loopback"),
         (("--socket-path", "/tmp/x.sock", "--switch", "/nonexistent"), "cannot connect"),
         (("--socket-path", "/tmp/x.sock", "--tap", "x" * 20), "bad tap interface name"),
         (("--socket-path", "/tmp/x.sock", "--stream", "/x", "--mac", "01:00:00:00:00:00"), "MAC"),
@@ -218,3 +218,17 @@ def test_serve_net_errors() -> None:
         result = run(*args)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
+
+
+def test_loopback_backend_reflects(tmp_path: Path) -> None:
+    path = tmp_path / "lo.sock"
+    proc = _pvbus("serve", "net", "--socket-path", str(path), "--loopback")
+    try:
+        _wait_socket(path, proc)
+        with NetClient.connect(str(path)) as client:
+            frames = [eth(MAC, PEER, bytes([i]) * (60 + i)) for i in range(50)]
+            client.send_batch(frames)
+            assert recv_all(client, 50) == frames
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

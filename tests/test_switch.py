@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -105,11 +106,23 @@ class SwitchThread:
 
 
 @pytest.fixture
-def switch(tmp_path: Path) -> Iterator[str]:
-    path = str(tmp_path / "switch.sock")
-    sw = SwitchThread(path)
-    yield path
+def switch_thread(tmp_path: Path) -> Iterator[SwitchThread]:
+    sw = SwitchThread(str(tmp_path / "switch.sock"))
+    yield sw
     sw.close()
+
+
+@pytest.fixture
+def switch(switch_thread: SwitchThread, tmp_path: Path) -> str:
+    return str(tmp_path / "switch.sock")
+
+
+def joined(sw: SwitchThread, count: int) -> None:
+    """Wait until the switch has exactly ``count`` ports."""
+    deadline = time.monotonic() + 10
+    while len(sw.server.ports) != count:
+        assert time.monotonic() < deadline, "ports not accepted"
+        time.sleep(0.01)
 
 
 def recv(sock: socket.socket, timeout: float = 5.0) -> bytes:
@@ -126,13 +139,13 @@ def nothing_waiting(sock: socket.socket) -> bool:
     return False
 
 
-def test_switch_server_forwards_between_ports(switch: str) -> None:
+def test_switch_server_forwards_between_ports(switch: str, switch_thread: SwitchThread) -> None:
     ports = [connect_switch(switch) for _ in range(3)]
     a, b, c = (p.sock for p in ports)
     try:
         for sock in (a, b, c):
             sock.setblocking(True)
-        time.sleep(0.2)  # let the switch accept all three before the first frame
+        joined(switch_thread, 3)  # before the first frame, or it is not flooded to all
         first = eth(B, A, b"hello" * 20)
         a.send(first)
         assert recv(b) == first and recv(c) == first  # flooded
@@ -149,17 +162,18 @@ def test_switch_server_forwards_between_ports(switch: str) -> None:
             p.close()
 
 
-def test_switch_survives_a_port_leaving(switch: str) -> None:
+def test_switch_survives_a_port_leaving(switch: str, switch_thread: SwitchThread) -> None:
     a, b = connect_switch(switch), connect_switch(switch)
     a.sock.setblocking(True)
     b.sock.setblocking(True)
-    time.sleep(0.2)
+    joined(switch_thread, 2)
     a.sock.send(eth(B, A))
     assert recv(b.sock)
     a.close()
+    joined(switch_thread, 1)
     c = connect_switch(switch)
     c.sock.setblocking(True)
-    time.sleep(0.2)
+    joined(switch_thread, 2)
     b.sock.send(eth(A, B))  # A's port is gone: flooded to c
     assert recv(c.sock)[6:12] == B
     b.close()
@@ -179,9 +193,14 @@ def test_pvbus_switch_cli(tmp_path: Path) -> None:
         a, b = connect_switch(str(path)), connect_switch(str(path))
         a.sock.setblocking(True)
         b.sock.setblocking(True)
-        time.sleep(0.2)
-        a.sock.send(eth(BROADCAST, A))
-        assert recv(b.sock)[6:12] == A
+        # The switch may not have accepted b yet: repeat until a frame gets through.
+        for _ in range(50):
+            a.sock.send(eth(BROADCAST, A))
+            with contextlib.suppress(TimeoutError):
+                assert recv(b.sock, 0.2)[6:12] == A
+                break
+        else:
+            raise AssertionError("no frame through the switch")
         a.close()
         b.close()
         second = subprocess.run(

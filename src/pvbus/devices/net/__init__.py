@@ -2,6 +2,7 @@
 
 from pvbus.devices.net.backends import (
     BackendClosedError,
+    LoopbackBackend,
     NetBackend,
     SeqpacketBackend,
     StreamBackend,
@@ -18,6 +19,7 @@ __all__ = [
     "CTRL_OK",
     "BackendClosedError",
     "LearningSwitch",
+    "LoopbackBackend",
     "NetBackend",
     "NetConfig",
     "NetDevice",

@@ -9,6 +9,7 @@ device watches with its reactor:
   of a :mod:`pvbus switch <pvbus.devices.net.switch>` (:func:`connect_switch`).
 * :class:`StreamBackend`: a stream socket in QEMU's ``-netdev stream`` framing, each frame
   preceded by its length as a 4-byte big-endian integer (what passt speaks).
+* :class:`LoopbackBackend`: every transmitted frame comes back on receive (benchmarks).
 
 Sending never blocks the event loop: a frame the peer has no room for is dropped, as a NIC with
 a full transmit queue would (:meth:`NetBackend.send` returns ``False``).
@@ -23,6 +24,7 @@ import os
 import select
 import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -30,6 +32,7 @@ from pvbus.devices.net.frames import MAX_FRAME
 
 __all__ = [
     "BackendClosedError",
+    "LoopbackBackend",
     "NetBackend",
     "SeqpacketBackend",
     "StreamBackend",
@@ -291,3 +294,49 @@ def connect_stream(path: str) -> StreamBackend:
         raise ValueError(f"cannot connect to {path}: {err.strerror or err}") from err
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     return StreamBackend(sock, f"stream {path}")
+
+
+class LoopbackBackend:
+    """Reflects every frame sent back to the device, as a cable from the port to itself.
+
+    Frames wait in a bounded queue behind an eventfd the device watches; when the queue is
+    full (the driver does not receive), new frames are dropped.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._frames: deque[bytes] = deque()
+        self._armed = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv_into(self, buf: memoryview) -> int:
+        frames = self._frames
+        if not frames:
+            if self._armed:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.fd)
+                self._armed = False
+            return 0
+        frame = frames.popleft()
+        n = len(frame)
+        if n > len(buf):
+            return 0
+        buf[:n] = frame
+        return n
+
+    def send(self, parts: Sequence[Chunk]) -> bool:
+        if len(self._frames) >= self.limit:
+            return False
+        self._frames.append(b"".join(parts))
+        if not self._armed:
+            self._armed = True
+            os.eventfd_write(self.fd, 1)
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

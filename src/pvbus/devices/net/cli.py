@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pvbus.devices.net.backends import NetBackend, TapBackend, connect_stream, connect_switch
+from pvbus.devices.net.backends import (
+    LoopbackBackend,
+    NetBackend,
+    TapBackend,
+    connect_stream,
+    connect_switch,
+)
 from pvbus.devices.net.device import NetConfig, NetDevice
 from pvbus.devices.net.frames import parse_mac, random_mac
 
 #: The backend program conventions' capabilities (vhost-user.rst, "net" type).
-CAPABILITIES: dict[str, Any] = {"type": "net", "features": ["tap", "switch", "stream"]}
+CAPABILITIES: dict[str, Any] = {"type": "net", "features": ["tap", "switch", "stream", "loopback"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--switch", metavar="PATH", help="join the pvbus switch at PATH")
     where.add_argument(
         "--stream", metavar="PATH", help="connect to a -netdev stream peer (passt) at PATH"
+    )
+    where.add_argument(
+        "--loopback", action="store_true", help="send transmitted frames back (benchmarks)"
     )
     parser.add_argument(
         "--vnet-hdr", action="store_true", help="open the tap with IFF_VNET_HDR (--tap only)"
@@ -44,7 +53,9 @@ def make_backend(args: argparse.Namespace) -> NetBackend:
         return connect_switch(args.switch)
     if args.stream:
         return connect_stream(args.stream)
-    raise ValueError("one of --tap, --switch or --stream is required")
+    if args.loopback:
+        return LoopbackBackend()
+    raise ValueError("one of --tap, --switch, --stream or --loopback is required")
 
 
 def make_device(args: argparse.Namespace) -> NetDevice:
