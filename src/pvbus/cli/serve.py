@@ -20,11 +20,14 @@ from typing import Any
 from pvbus.cli._common import CliError
 from pvbus.devices.base import VirtioDevice
 from pvbus.server import EventLoop, VhostUserServer, listen_unix
+from pvbus.vhost_user.backend import Limits
 
 log = logging.getLogger(__name__)
 
 #: Device types ``pvbus serve`` knows, each with a ``pvbus.devices.<type>.cli`` module.
 DEVICE_TYPES = ("blk", "net", "rng", "console", "vsock")
+
+_DEFAULT = Limits()
 
 _HELP = {
     "blk": "virtio-blk over a raw image or block device",
@@ -49,6 +52,20 @@ def register(sub: Any) -> None:
             action="store_true",
             help="print the backend's capabilities JSON and exit",
         )
+        limits = parser.add_argument_group("limits on what a frontend may make us hold")
+        limits.add_argument(
+            "--max-mem-slots",
+            type=int,
+            default=_DEFAULT.max_mem_slots,
+            help=f"memory regions (default {_DEFAULT.max_mem_slots})",
+        )
+        limits.add_argument(
+            "--max-memory",
+            type=int,
+            default=_DEFAULT.max_memory >> 20,
+            metavar="MiB",
+            help=f"guest memory to map, in MiB (default {_DEFAULT.max_memory >> 20})",
+        )
         module.add_arguments(parser)
         parser.set_defaults(handler=_serve, device_module=module)
 
@@ -72,6 +89,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve(device: VirtioDevice, args: argparse.Namespace) -> int:
     """Listen as ``args`` say and serve ``device`` until a signal; remove the socket after."""
+    try:
+        limits = Limits(
+            max_mem_slots=getattr(args, "max_mem_slots", _DEFAULT.max_mem_slots),
+            max_memory=getattr(args, "max_memory", _DEFAULT.max_memory >> 20) << 20,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
     if args.fd is not None:
         try:
             listener = socket.socket(fileno=args.fd)
@@ -91,7 +115,7 @@ def serve(device: VirtioDevice, args: argparse.Namespace) -> int:
         raise CliError("one of --socket-path or --fd is required")
     loop = EventLoop()
     loop.stop_on_signals()
-    server = VhostUserServer(device, listener, loop)
+    server = VhostUserServer(device, listener, loop, limits)
     log.info("serving %s on %s", device.name, path or f"fd {args.fd}")
     try:
         loop.run()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from pvbus.devices.base import VirtioDevice
 from pvbus.server.loop import EventLoop
-from pvbus.vhost_user.backend import BackendSession
+from pvbus.vhost_user.backend import BackendSession, Limits
 from pvbus.vhost_user.codec import MessageReader, encode
 from pvbus.vhost_user.errors import ProtocolError, RemoteProtocolError
 from pvbus.virtio.errors import VirtioError
@@ -77,10 +77,17 @@ def listen_unix(path: str, backlog: int = 4) -> socket.socket:
 class VhostUserServer:
     """Serves ``device`` to one vhost-user frontend at a time on ``listener``."""
 
-    def __init__(self, device: VirtioDevice, listener: socket.socket, loop: EventLoop) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        listener: socket.socket,
+        loop: EventLoop,
+        limits: Limits | None = None,
+    ) -> None:
         self.device = device
         self.listener = listener
         self.loop = loop
+        self.limits = limits or Limits()
         self.conn: socket.socket | None = None
         self.session: BackendSession | None = None
         self.reader: MessageReader | None = None
@@ -101,7 +108,10 @@ class VhostUserServer:
         conn.setblocking(True)
         self.loop.remove_reader(self.listener.fileno())
         self.conn = conn
-        self.session = BackendSession(self.device, self)
+        limits = self.limits
+        self.session = BackendSession(
+            self.device, self, max_mem_slots=limits.max_mem_slots, max_memory=limits.max_memory
+        )
         self.reader = MessageReader("backend")
         self.connections += 1
         log.info("frontend connected (connection %d)", self.connections)

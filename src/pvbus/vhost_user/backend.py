@@ -55,6 +55,25 @@ BACKEND_PROTOCOL_FEATURES = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one frontend may make a backend hold (documented in docs/reliability.md).
+
+    ``max_mem_slots`` regions (GET_MAX_MEM_SLOTS) of at most ``max_memory`` bytes in all.
+    Queue sizes are bounded by the device's ``max_queue_size``, fds by what each message may
+    carry (replaced fds are closed), the inflight area by the queue count and size.
+    """
+
+    max_mem_slots: int = MAX_REGIONS
+    max_memory: int = 1 << 40
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_mem_slots <= MAX_REGIONS:
+            raise ValueError(f"max memory slots {self.max_mem_slots} not in 1..{MAX_REGIONS}")
+        if self.max_memory < 1 << 20:
+            raise ValueError(f"max memory {self.max_memory} is less than 1 MiB")
+
+
 class RingListener(Protocol):
     """What the transport does when rings start and stop."""
 
@@ -93,11 +112,13 @@ class BackendSession:
         listener: RingListener,
         *,
         max_mem_slots: int = MAX_REGIONS,
+        max_memory: int = 1 << 40,
         protocol_features: int = BACKEND_PROTOCOL_FEATURES,
     ) -> None:
         self.device = device
         self.listener = listener
         self.max_mem_slots = max_mem_slots
+        self.max_memory = max_memory
         self.offered_protocol_features = protocol_features
         self.features = 0
         self.protocol_features = 0
@@ -238,6 +259,11 @@ class BackendSession:
             raise RemoteProtocolError(
                 f"{len(msg.payload.regions)} regions, {self.max_mem_slots} slots"
             )
+        total = sum(r.memory_size for r in msg.payload.regions)
+        if total > self.max_memory:
+            for fd in msg.fds:
+                _close(fd)
+            raise RemoteProtocolError(f"{total} bytes of memory, the limit is {self.max_memory}")
         mem = GuestMemory()
         try:
             for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
@@ -264,6 +290,9 @@ class BackendSession:
         try:
             if len(self.device.mem) >= self.max_mem_slots:
                 raise RemoteProtocolError(f"ADD_MEM_REG beyond {self.max_mem_slots} slots")
+            total = sum(r.size for r in self.device.mem.regions) + region.memory_size
+            if total > self.max_memory:
+                raise RemoteProtocolError(f"ADD_MEM_REG beyond {self.max_memory} bytes")
             mapped = MemoryRegion.map_fd(
                 msg.fds[0],
                 region.guest_phys_addr,
@@ -499,4 +528,4 @@ class BackendSession:
         self._set_memory(GuestMemory())
 
 
-__all__ = ["BACKEND_PROTOCOL_FEATURES", "BackendSession", "RingListener"]
+__all__ = ["BACKEND_PROTOCOL_FEATURES", "BackendSession", "Limits", "RingListener"]

@@ -11,7 +11,10 @@ past the end, or wrapping around the 64-bit space.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
+import os
+import stat
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
@@ -49,6 +52,7 @@ class MemoryRegion:
         _check_range(uaddr, size, "user address")
         if mmap_offset < 0 or mmap_offset > _U64 - size:
             raise GuestMemoryError(f"mmap offset {mmap_offset:#x} out of range")
+        _check_backing(fd, mmap_offset + size)
         base = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
         lead = mmap_offset - base
         try:
@@ -80,6 +84,24 @@ class MemoryRegion:
             with contextlib.suppress(BufferError):
                 self._mapping.close()
             self._mapping = None
+
+
+def _check_backing(fd: int, end: int) -> None:
+    """Refuse a file too small for the mapping, and seal a memfd against shrinking.
+
+    Touching a mapped page past the end of its file raises SIGBUS, which no Python code can
+    catch: a region must lie inside its file, and stay so. QEMU seals its memfds itself;
+    for others pvbus adds F_SEAL_SHRINK where the memfd allows sealing.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        raise GuestMemoryError(f"region fd {fd}: {err.strerror}") from err
+    if stat.S_ISREG(st.st_mode):
+        if st.st_size < end:
+            raise GuestMemoryError(f"region ends at {end:#x} past its file's {st.st_size:#x} bytes")
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
 
 
 def _check_range(start: int, size: int, what: str) -> None:
