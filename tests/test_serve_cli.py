@@ -84,6 +84,38 @@ def test_serves_reads_and_writes(serve: tuple[subprocess.Popen[bytes], Path], im
     assert image.read_bytes()[9 * 512 : 10 * 512] == payload
 
 
+def test_polled_ring_and_two_queues(tmp_path: Path, image: Path) -> None:
+    sock = tmp_path / "mq.sock"
+    proc = subprocess.Popen(
+        [
+            *PVBUS,
+            "serve",
+            "blk",
+            "--socket-path",
+            str(sock),
+            "--image",
+            str(image),
+            "--num-queues",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock, proc)
+        with VhostUserClient(str(sock)) as client:
+            client.negotiate()
+            assert client.get_u64(Request.GET_QUEUE_NUM) == 2
+            client.start_queue(0)
+            client.start_queue(1, polled=True)  # no kick fd: the backend polls the ring
+            assert client.blk(T_IN, 11, read=512, queue=1) == (S_OK, sector(11))
+            assert client.blk(T_IN, 12, read=512, queue=0) == (S_OK, sector(12))
+            assert client.blk(T_OUT, 13, b"q" * 512, queue=1)[0] == S_OK
+    finally:
+        status, err = stop(proc)
+    assert status == 0, err
+    assert image.read_bytes()[13 * 512 : 14 * 512] == b"q" * 512
+
+
 def test_one_frontend_at_a_time(serve: tuple[subprocess.Popen[bytes], Path]) -> None:
     _, sock = serve
     first = VhostUserClient(str(sock))
@@ -113,6 +145,7 @@ def test_one_frontend_at_a_time(serve: tuple[subprocess.Popen[bytes], Path]) -> 
         b"\x00" * 12,  # request 0
         bytes.fromhex("01000000050000000000000000"),  # GET_FEATURES with bad version flags
     ],
+    ids=["huge-size", "request-0", "bad-version"],
 )
 def test_protocol_error_closes_that_connection_only(
     serve: tuple[subprocess.Popen[bytes], Path], garbage: bytes

@@ -16,6 +16,7 @@ from pvbus.vhost_user.codec import MessageReader, encode
 from pvbus.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     U64,
+    VRING_NOFD_MASK,
     AnyPayload,
     Empty,
     Flags,
@@ -58,7 +59,8 @@ class VhostUserClient:
     def close(self) -> None:
         self.sock.close()
         for _, kick, call in self.queues.values():
-            os.close(kick)
+            if kick >= 0:
+                os.close(kick)
             os.close(call)
         self.queues.clear()
         if self.mem is not None:
@@ -140,12 +142,13 @@ class VhostUserClient:
         self.ack(Request.SET_MEM_TABLE, table, (self.memfd,))
         return features
 
-    def start_queue(self, index: int, size: int = 64) -> DriverQueue:
+    def start_queue(self, index: int, size: int = 64, *, polled: bool = False) -> DriverQueue:
+        """Set up and start ring ``index``; ``polled``: no kick fd, the backend polls it."""
         assert self.mem is not None
         desc, avail, used, _ = ring_layout(size, GPA + 0x10000 * (index + 1))
         event_idx = bool(self.features & (1 << F_EVENT_IDX))
         drv = DriverQueue(self.mem, size, desc, avail, used, event_idx=event_idx)
-        kick = os.eventfd(0, os.EFD_CLOEXEC)
+        kick = -1 if polled else os.eventfd(0, os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.queues[index] = (drv, kick, call)
         self.ack(Request.SET_VRING_NUM, VringState(index, size))
@@ -153,7 +156,10 @@ class VhostUserClient:
         self.ack(Request.SET_VRING_ADDR, VringAddr(index, 0, desc + u, used + u, avail + u))
         self.ack(Request.SET_VRING_BASE, VringState(index, 0))
         self.ack(Request.SET_VRING_CALL, U64(index), (call,))
-        self.ack(Request.SET_VRING_KICK, U64(index), (kick,))
+        if polled:
+            self.ack(Request.SET_VRING_KICK, U64(index | VRING_NOFD_MASK))
+        else:
+            self.ack(Request.SET_VRING_KICK, U64(index), (kick,))
         self.ack(Request.SET_VRING_ENABLE, VringState(index, 1))
         return drv
 
@@ -184,7 +190,8 @@ class VhostUserClient:
         drv.add(readable, writable)
         drv.set_interrupts(True)  # with EVENT_IDX: used_event = the last used index seen
         drv.publish()
-        os.eventfd_write(kick, 1)
+        if kick >= 0:
+            os.eventfd_write(kick, 1)
         while not (used := drv.get_used()):
             sock = self.sock.fileno()
             ready, _, _ = select.select([call, sock], [], [], TIMEOUT)
