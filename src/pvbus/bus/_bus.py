@@ -239,6 +239,7 @@ class Bus:
                 log.warning("stopping VM %s: %s", vm.id, err)
         for dev in list(self.devices.values()):
             await self._stop_worker(dev)
+            dev.log_path.unlink(missing_ok=True)
             self.devices.pop(dev.id, None)
         self.events.close()
 
@@ -309,6 +310,7 @@ class Bus:
                 await self._wait_ready(rec)
             except BusError:
                 await self._stop_worker(rec)
+                log_path.unlink(missing_ok=True)
                 raise
             self.devices[dev_id] = rec
             rec.last = block.snapshot()
