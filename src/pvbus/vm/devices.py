@@ -9,7 +9,9 @@ which needs the virtio id, the queue count and the config size on the command li
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -28,6 +30,7 @@ __all__ = [
     "qemu_device_args",
     "serve_argv",
     "start_device",
+    "unsupported_reason",
 ]
 
 DEVICE_KINDS = ("rng", "console", "vsock")
@@ -99,6 +102,32 @@ class DeviceSpec:
             max_ports = int(self.args[self.args.index("--max-ports") + 1])
         multiport = True if "--multiport" in self.args else None
         return ConsoleConfig(ports=specs, multiport=multiport, max_ports=max_ports).num_queues
+
+
+@functools.cache
+def _creatable_devices(qemu: str) -> frozenset[str]:
+    """Device names ``qemu -device help`` lists (only user-creatable ones are listed)."""
+    try:
+        out = subprocess.run(
+            [qemu, "-device", "help"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(re.findall(r'^name "([^"]+)"', out.stdout + out.stderr, re.MULTILINE))
+
+
+def unsupported_reason(spec: DeviceSpec, transport: str, qemu: str) -> str | None:
+    """Why ``qemu`` cannot render ``spec`` (None if it can).
+
+    QEMU builds the generic ``vhost-user-device`` with ``user_creatable = false`` ("stop
+    inexperienced users confusing themselves"), Debian's QEMU 10 among them: such a QEMU has
+    no way to give a guest a vhost-user console.
+    """
+    pci, mmio = _QEMU_DEVICES[spec.kind]
+    device = mmio if transport == "mmio" else pci
+    if device not in _creatable_devices(qemu):
+        return f"{qemu} cannot create {device} (needed for a vhost-user {spec.kind})"
+    return None
 
 
 def serve_argv(spec: DeviceSpec, socket_path: Path) -> list[str]:

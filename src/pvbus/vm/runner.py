@@ -28,7 +28,7 @@ from types import TracebackType
 
 from pvbus.vm.accel import choose_accel
 from pvbus.vm.backends import Backend, BackendError, start_backend
-from pvbus.vm.devices import DeviceBackend, DeviceSpec, start_device
+from pvbus.vm.devices import DeviceBackend, DeviceSpec, start_device, unsupported_reason
 from pvbus.vm.guest import GuestImage, command_archive, default_guest
 from pvbus.vm.qemu import VmConfig, VmPaths, host_tsc_khz, qemu_argv
 
@@ -278,6 +278,9 @@ class Vm:
             self._vsock_listener.listen(1)
         device_sockets: list[Path] = []
         for i, spec in enumerate(self.config.devices + runner_devices):
+            reason = unsupported_reason(spec, self.config.transport, qemu)
+            if reason is not None:
+                raise VmError(reason)
             sock = self.workdir / f"dev{i}.sock"
             try:
                 self._devices.append(start_device(spec, sock, self.workdir / f"dev{i}.log"))
