@@ -9,8 +9,9 @@ from typing import Any
 from pvbus.cli._common import CliError
 from pvbus.cli.guest import add_suite_option
 from pvbus.vm.accel import ACCELS
+from pvbus.vm.devices import DeviceSpec
 from pvbus.vm.guest import GuestBuildError, default_guest
-from pvbus.vm.qemu import DISK_BACKENDS, TRANSPORTS, DiskSpec, VmConfig
+from pvbus.vm.qemu import COMMAND_CHANNELS, DISK_BACKENDS, TRANSPORTS, DiskSpec, VmConfig
 from pvbus.vm.runner import CommandTimeoutError, GuestBootError, VmError, run_command
 
 
@@ -29,6 +30,20 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disk-backend", choices=DISK_BACKENDS, default="pvbus", help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="KIND[:KEY=VALUE,...]",
+        help="extra pvbus device: rng, console or vsock; each KEY=VALUE is passed to "
+        "'pvbus serve KIND' as --KEY VALUE (e.g. vsock:uds-path=/tmp/v.sock)",
+    )
+    parser.add_argument(
+        "--channel",
+        choices=COMMAND_CHANNELS,
+        default="vsock",
+        help="how output and status come back (vsock falls back to virtio-serial)",
+    )
     add_suite_option(parser)
 
 
@@ -38,7 +53,10 @@ def vm_config(args: argparse.Namespace, disks: tuple[DiskSpec, ...]) -> VmConfig
     if args.machine == "microvm":
         transport = "mmio"
     try:
+        devices = tuple(DeviceSpec.parse(text) for text in getattr(args, "device", []))
         return VmConfig(
+            devices=devices,
+            command_channel=getattr(args, "channel", "vsock"),
             transport=transport,
             machine=args.machine,
             accel=args.accel,

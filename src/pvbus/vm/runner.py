@@ -1,9 +1,11 @@
 """Run a command in a throw-away guest: backends + QEMU + output port, as :class:`Vm`.
 
-The command's output arrives on a virtio-serial port (``org.pvbus.out``) that QEMU connects
-to a unix socket this module listens on; it is passed on live and ends with a per-run random
-marker followed by the exit status. The kernel console goes to ``console.log`` and is only
-read to explain failures.
+The command's output arrives on a vsock stream: the guest's init connects to host port
+:data:`COMMAND_PORT` through the pvbus vsock device, which maps it to a Unix socket this
+module listens on. If the guest cannot connect, or with ``command_channel="serial"``, it comes
+on a virtio-serial port (``org.pvbus.out``) that QEMU connects to another Unix socket. Either
+way it is passed on live and ends with a per-run random marker followed by the exit status.
+The kernel console goes to ``console.log`` and is only read to explain failures.
 """
 
 from __future__ import annotations
