@@ -437,3 +437,40 @@ def test_async_backend_dies(pvbus_process: tuple[Path, subprocess.Popen[bytes]])
             await client.close()
 
     asyncio.run(main())
+
+
+# -- large requests (pvbus completes them on I/O threads) -----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["pvbus_thread", "qsd"])
+def test_large_requests_in_flight(
+    backend: str, request: pytest.FixtureRequest, image: Path
+) -> None:
+    sock: Path = request.getfixturevalue(backend)
+    rng = random.Random(7)
+    size = 256 << 10
+    with BlockClient.connect(str(sock), memory_size=32 << 20) as client:
+        q = client.queues[0]
+        datas = [rng.randbytes(size) for _ in range(12)]
+        for i, data in enumerate(datas):
+            q.submit_write(i * size, data, i)
+        q.submit_write(12 * size, b"s" * 4096, "small")  # small ones complete inline, first
+        q.kick()
+        done: list[Completion] = []
+        while len(done) < 13:
+            done += q.wait(13 - len(done), timeout=10)
+        assert all(d.ok for d in done)
+        for i in range(12):
+            q.submit_read(i * size, size, i)
+        q.kick()
+        done = []
+        while len(done) < 12:
+            done += q.wait(12 - len(done), timeout=10)
+        assert {d.tag: d.data for d in done} == dict(enumerate(datas))
+        # Disconnect with large requests in flight: the backend waits for them, then resets.
+        for i in range(8):
+            q.submit_read(i * size, size, i)
+        q.kick()
+    assert image.read_bytes()[: 12 * size] == b"".join(datas)
+    with BlockClient.connect(str(sock)) as client:  # the backend took the next connection
+        assert client.read(0, 512) == datas[0][:512]

@@ -11,16 +11,21 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pvbus.devices.base import COMMON_FEATURES, VirtioDevice
+from pvbus.devices.base import COMMON_FEATURES, QueueStats, VirtioDevice
 from pvbus.virtio.constants import DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
 from pvbus.virtio.split import Buffer, DescriptorChain, SplitQueue
+
+log = logging.getLogger(__name__)
 
 SECTOR = 512
 
@@ -88,8 +93,13 @@ class BlkConfig:
     logical_block_size: int = SECTOR
     discard: bool = True
     write_zeroes: bool = True
+    #: Threads that carry out large reads and writes while the event loop goes on (0: none,
+    #: everything is done inline).
+    io_threads: int = 2
 
     def __post_init__(self) -> None:
+        if not 0 <= self.io_threads <= 64:
+            raise ValueError(f"io-threads {self.io_threads} is not in 0..64")
         if not 1 <= self.num_queues <= 64:
             raise ValueError(f"num-queues {self.num_queues} is not in 1..64")
         qs = self.queue_size
@@ -143,11 +153,22 @@ class BlockDevice(VirtioDevice):
         self.max_discard_sectors = (1 << 30) // SECTOR
         self.writeback = 1
         self._zeroes = bytes(1 << 16)
+        self._pool: ThreadPoolExecutor | None = None
+        # Large requests complete on I/O threads: the lock guards each queue's used ring and
+        # notification state against the event-loop thread; the condition signals when a
+        # queue has no I/O left in flight (a queue stops, or the device resets, only then).
+        self._lock = threading.Lock()
+        self._io_idle = threading.Condition(self._lock)
+        self._io_pending = [0] * config.num_queues
+        self._index = 0
         #: Counters of the queue being processed.
         self._stats = self.queue_stats[0]
 
     def close(self) -> None:
-        """Close the backing file."""
+        """Stop the I/O threads and close the backing file."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -207,67 +228,150 @@ class BlockDevice(VirtioDevice):
 
     def process(self, index: int) -> None:
         self._stats = self.queue_stats[index]
+        self._index = index
         self.drain(index, self._handle_queue)
 
     def _handle_queue(self, queue: SplitQueue, mem: GuestMemory) -> int:
         # Completions are published together, with one used-index write, after the batch; the
-        # driver is only signalled after the batch anyway (drain).
+        # driver is only signalled after the batch anyway (drain). Large plain reads and writes
+        # go to the I/O threads when a transport runs the device (preadv/pwritev release the
+        # GIL, so copies overlap each other and the ring processing) and complete from there.
         used: list[tuple[int, int]] = []
         append = used.append
         pop = queue.pop
         execute = self.execute
+        plain_io = self._plain_io
+        plain_done = self._plain_done
+        stats = self._stats
+        offload = self.config.io_threads > 0 and self.reactor is not None
+        large_min = LARGE_IO if offload else 1 << 62
+        fd = self.fd
         try:
             while (chain := pop(mem)) is not None:
-                append((chain.head, execute(chain, mem)))
+                io = plain_io(chain, mem)
+                if io is None:
+                    append((chain.head, execute(chain, mem)))
+                elif io[2] >= large_min:
+                    self._offload(self._index, chain.head, io)
+                else:
+                    append((chain.head, plain_done(io, _plain_call(fd, io), stats)))
         finally:
             if used:
-                queue.add_used_many(mem, used)
+                with self._lock:
+                    queue.add_used_many(mem, used)
         return len(used)
+
+    def signal(self, index: int) -> None:
+        with self._lock:
+            super().signal(index)
+
+    def _offload(self, index: int, head: int, io: _PlainIO) -> None:
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(
+                self.config.io_threads, thread_name_prefix="pvbus-blk-io"
+            )
+        with self._lock:
+            self._io_pending[index] += 1
+        pool.submit(self._complete_offloaded, index, head, io)
+
+    def _complete_offloaded(self, index: int, head: int, io: _PlainIO) -> None:
+        """On an I/O thread: do the copy, then publish the used entry and signal the driver."""
+        got = _plain_call(self.fd, io)
+        with self._lock:
+            try:
+                queue = self.queues[index]
+                stats = self.queue_stats[index]
+                mem = self.mem
+                queue.add_used(mem, head, self._plain_done(io, got, stats))
+                stats.requests += 1
+                if queue.needs_notification(mem):
+                    self.interrupt(index)
+            except Exception:  # an I/O thread must not die silently
+                log.exception("completing request %d of queue %d", head, index)
+            finally:
+                self._io_pending[index] -= 1
+                self._io_idle.notify_all()
+
+    def _wait_io(self, index: int | None = None) -> None:
+        """Block until queue ``index`` (or every queue) has no offloaded I/O in flight."""
+        with self._io_idle:
+            while self._io_pending[index] if index is not None else any(self._io_pending):
+                self._io_idle.wait()
+
+    def queue_stopped(self, index: int) -> None:
+        self._wait_io(index)
+        super().queue_stopped(index)
+
+    def reset(self) -> None:
+        self._wait_io()
+        super().reset()
+
+    def _plain_io(self, chain: DescriptorChain, mem: GuestMemory) -> _PlainIO | None:
+        """The buffers of a plain read or write (header, data, status), or None for others.
+
+        Anything unusual (another type, a bad range or address, a read-only device) is left to
+        :meth:`execute`'s general path, which answers it with the right status.
+        """
+        readable = chain.readable
+        writable = chain.writable
+        if (
+            not readable
+            or not writable
+            or readable[0][1] != 16
+            or writable[-1][1] != 1
+            or self.fd < 0
+        ):
+            return None
+        translate = mem.translate
+        try:
+            rtype, _, sector = _header_unpack(translate(readable[0][0], 16))
+            status_view = translate(writable[-1][0], 1)
+            if rtype == T_IN and len(readable) == 1:
+                bufs = writable[:-1]
+                is_write = False
+            elif rtype == T_OUT and len(writable) == 1 and not self.config.read_only:
+                bufs = readable[1:]
+                is_write = True
+            else:
+                return None
+            views = [translate(addr, length) for addr, length in bufs]
+        except GuestMemoryError:
+            return None
+        total = sum(len(v) for v in views)
+        capacity = self.capacity
+        if (
+            total <= 0
+            or total % SECTOR
+            or sector > capacity
+            or total > (capacity - sector) * SECTOR
+        ):
+            return None
+        return is_write, views, total, sector * SECTOR, status_view
+
+    def _plain_done(self, io: _PlainIO, got: int, stats: QueueStats) -> int:
+        """Write the status of a plain request that moved ``got`` bytes; its used length."""
+        is_write, _, total, _, status_view = io
+        if got != total:
+            status_view[0] = S_IOERR
+            stats.errors += 1
+            return 1
+        if is_write and not self.writeback:
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                status_view[0] = S_IOERR
+                stats.errors += 1
+                return 1
+        status_view[0] = S_OK
+        stats.bytes += total
+        return 1 if is_write else total + 1
 
     def execute(self, chain: DescriptorChain, mem: GuestMemory) -> int:
         """Carry out one request; write its status; return the bytes written to the guest."""
-        readable = chain.readable
-        writable = chain.writable
-        # Fast path: a 16-byte header, data and a 1-byte status, as Linux and QEMU send reads
-        # and writes. Everything else (and every error) takes the general path below.
-        if (
-            len(readable) == 1
-            and writable
-            and readable[0][1] == 16
-            and writable[-1][1] == 1
-            and self.fd >= 0
-        ):
-            translate = mem.translate
-            try:
-                rtype, _, sector = _header_unpack(translate(readable[0][0], 16))
-                status_view = translate(writable[-1][0], 1)
-            except GuestMemoryError:
-                pass
-            else:
-                if rtype == T_IN:
-                    views = []
-                    total = 0
-                    try:
-                        for addr, length in writable[:-1]:
-                            views.append(translate(addr, length))
-                            total += length
-                    except GuestMemoryError:
-                        total = -1
-                    capacity = self.capacity
-                    if (
-                        total > 0
-                        and not total % SECTOR
-                        and sector <= capacity
-                        and total <= (capacity - sector) * SECTOR
-                    ):
-                        try:
-                            got = os.preadv(self.fd, views, sector * SECTOR)
-                        except OSError:
-                            got = -1
-                        if got == total:
-                            status_view[0] = S_OK
-                            self._stats.bytes += total
-                            return total + 1
+        io = self._plain_io(chain, mem)
+        if io is not None:
+            return self._plain_done(io, _plain_call(self.fd, io), self._stats)
         return self._execute(chain, mem)
 
     def _execute(self, chain: DescriptorChain, mem: GuestMemory) -> int:
@@ -416,6 +520,21 @@ class BlockDevice(VirtioDevice):
         zeroes = self._zeroes
         while offset < end:
             offset += os.pwrite(self.fd, zeroes[: min(len(zeroes), end - offset)], offset)
+
+
+#: (is a write, data views, total bytes, byte offset, status byte view)
+_PlainIO = tuple[bool, list[memoryview], int, int, memoryview]
+#: Plain reads and writes at least this large go to the I/O threads.
+LARGE_IO = 128 << 10
+
+
+def _plain_call(fd: int, io: _PlainIO) -> int:
+    """preadv/pwritev of a plain request; -1 if the system call failed."""
+    is_write, views, _, offset, _ = io
+    try:
+        return os.pwritev(fd, views, offset) if is_write else os.preadv(fd, views, offset)
+    except OSError:
+        return -1
 
 
 def _gather(bufs: list[Buffer], length: int, mem: GuestMemory) -> bytes | None:
