@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -447,9 +446,9 @@ mutations = st.lists(
 )
 
 
-def run_stream(chunks: list[tuple[bytes, list[int]]]) -> None:
+def run_stream(image: Path, chunks: list[tuple[bytes, list[int]]]) -> None:
     """Feed ``chunks`` like the server does; every error must be a ProtocolError."""
-    device = BlockDevice(BlkConfig(STREAM_IMAGE[0], queue_size=8))
+    device = BlockDevice(BlkConfig(str(image), queue_size=8))
     listener = ProcessingListener()
     session = BackendSession(device, listener)
     listener.session = session
@@ -477,16 +476,6 @@ def run_stream(chunks: list[tuple[bytes, list[int]]]) -> None:
         device.close()
 
 
-STREAM_IMAGE: list[str] = []
-
-
-@pytest.fixture
-def stream_image(image: Path) -> Iterator[None]:
-    STREAM_IMAGE[:] = [str(image)]
-    yield
-    STREAM_IMAGE.clear()
-
-
 @given(
     st.lists(
         st.tuples(st.binary(max_size=80), st.lists(st.sampled_from(["mem", "event"]), max_size=3)),
@@ -495,18 +484,18 @@ def stream_image(image: Path) -> Iterator[None]:
 )
 @SETTINGS
 def test_random_bytes_only_raise_protocol_errors(
-    stream_image: None, raw: list[tuple[bytes, list[str]]]
+    image: Path, raw: list[tuple[bytes, list[str]]]
 ) -> None:
     before = open_fds()
     chunks = [(data, [make_fd(kind) for kind in kinds]) for data, kinds in raw]
-    run_stream(chunks)
+    run_stream(image, chunks)
     assert open_fds() == before
 
 
 @given(st.lists(random_messages, max_size=8), mutations, st.booleans())
 @SETTINGS
 def test_mutated_valid_streams_only_raise_protocol_errors(
-    stream_image: None,
+    image: Path,
     extra: list[tuple[Message, tuple[str, ...]]],
     mutate: list[tuple[str, int, int]],
     with_setup: bool,
@@ -529,13 +518,12 @@ def test_mutated_valid_streams_only_raise_protocol_errors(
             other = wires[value % len(wires)][1]
             other.append(kinds.pop())
     chunks = [(bytes(w), [make_fd(k) for k in kinds]) for w, kinds in wires]
-    run_stream(chunks)
+    run_stream(image, chunks)
     assert open_fds() == before
 
 
 def test_the_valid_setup_starts_a_ring(image: Path) -> None:
     """Unmutated, the setup stream is accepted and starts ring 0 (the property goes deep)."""
-    STREAM_IMAGE[:] = [str(image)]
     device = BlockDevice(BlkConfig(str(image), queue_size=8))
     session = BackendSession(device, ProcessingListener())
     assert isinstance(session.listener, ProcessingListener)
@@ -553,4 +541,3 @@ def test_the_valid_setup_starts_a_ring(image: Path) -> None:
     finally:
         session.close()
         device.close()
-        STREAM_IMAGE.clear()
