@@ -23,6 +23,7 @@ _COMMANDS = (
     "device",
     "vm",
     "attach",
+    "fuzz",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -1,0 +1,230 @@
+"""Coverage-guided fuzz targets (atheris/libFuzzer) for what a hostile peer controls.
+
+``messages``: a byte stream with fds, cut into chunks, fed to a backend's MessageReader and
+BackendSession driving a real virtio-blk device. Only ProtocolError may come out, and no fd
+may leak.
+
+``rings``: a descriptor table, available ring and queue parameters written into guest memory
+that sits between two PROT_NONE guard pages, processed by virtio-blk. Only QueueError may
+come out; an access outside guest memory would fault on a guard page and crash the run.
+
+Run as ``pvbus fuzz TARGET --runs N`` (or ``python -m pvbus.testing.fuzz TARGET -runs=N``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+
+from pvbus.devices.blk import BlkConfig, BlockDevice
+from pvbus.vhost_user.backend import BackendSession
+from pvbus.vhost_user.codec import MessageReader
+from pvbus.vhost_user.errors import ProtocolError, RemoteProtocolError
+from pvbus.virtio.errors import QueueError
+from pvbus.virtio.memory import GuestMemory, MemoryRegion
+from pvbus.virtio.split import SplitQueue
+
+PAGE = mmap.PAGESIZE
+GUEST_BASE = 0x10000
+GUEST_SIZE = 16 * PAGE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Quiet:
+    def ring_started(self, index: int, kick_fd: int | None) -> None:
+        pass
+
+    def ring_stopped(self, index: int) -> None:
+        pass
+
+
+def _image() -> str:
+    fd, path = tempfile.mkstemp(prefix="pvbus-fuzz-", suffix=".img", dir="/dev/shm")
+    os.ftruncate(fd, 1 << 20)
+    os.close(fd)
+    return path
+
+
+class GuardedGuest:
+    """Guest memory between two inaccessible pages: stray accesses fault, they cannot pass."""
+
+    def __init__(self) -> None:
+        self._area = mmap.mmap(-1, GUEST_SIZE + 2 * PAGE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._area))
+        for guard in (addr, addr + PAGE + GUEST_SIZE):
+            if _libc.mprotect(ctypes.c_void_p(guard), PAGE, 0) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect")
+        self.view = memoryview(self._area)[PAGE : PAGE + GUEST_SIZE]
+        self.mem = GuestMemory([MemoryRegion.from_buffer(GUEST_BASE, self.view)])
+
+
+class RingTarget:
+    """Fuzz target ``rings``."""
+
+    _HEAD = struct.Struct("<BBH")
+
+    def __init__(self) -> None:
+        self.guest = GuardedGuest()
+        self.device = BlockDevice(BlkConfig(image=_image(), queue_size=256))
+        self.device.mem = self.guest.mem
+
+    def __call__(self, data: bytes) -> None:
+        if len(data) < self._HEAD.size:
+            return
+        shift, flags, avail_idx = self._HEAD.unpack_from(data)
+        size = 1 << (shift % 9)
+        view = self.guest.view
+        view[:] = bytes(GUEST_SIZE)
+        body = data[self._HEAD.size :]
+        view[: len(body)] = body[:GUEST_SIZE]
+        # desc table at the start, avail after it, used on the next page: all in the guest.
+        queue: SplitQueue = self.device.queues[0]
+        queue.reset()
+        queue.size = size
+        queue.desc_addr = GUEST_BASE
+        queue.avail_addr = GUEST_BASE + 16 * size
+        queue.used_addr = GUEST_BASE + ((16 * size + 6 + 2 * size + 4095) & ~4095)
+        queue.event_idx = bool(flags & 1)
+        struct.pack_into("<H", view, 16 * size + 2, avail_idx)
+        queue.set_base(avail_idx - (flags >> 1) % (size + 2))
+        with contextlib.suppress(QueueError):
+            self.device.process(0)
+        queue.unbind()
+
+
+class MessageTarget:
+    """Fuzz target ``messages``."""
+
+    def __init__(self) -> None:
+        self.device = BlockDevice(BlkConfig(image=_image(), queue_size=256))
+        self.memfd = os.memfd_create("pvbus-fuzz", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, 1 << 20)
+        self.baseline = len(os.listdir("/proc/self/fd"))
+
+    def __call__(self, data: bytes) -> None:
+        session = BackendSession(self.device, _Quiet())
+        reader = MessageReader("backend")
+        pos = 0
+        try:
+            while pos < len(data):
+                cut = 1 + data[pos] % 64
+                nfds = data[pos] >> 6
+                chunk = data[pos + 1 : pos + 1 + cut]
+                pos += 1 + cut
+                fds = [os.dup(self.memfd) for _ in range(nfds)]
+                reader.receive_data(chunk, fds)
+                while (msg := reader.next_message()) is not None:
+                    session.handle(msg)
+        except ProtocolError as err:
+            if isinstance(err, RemoteProtocolError):
+                for fd in err.fds:
+                    os.close(fd)
+        finally:
+            for fd in reader.close():
+                os.close(fd)
+            session.close()
+        now = len(os.listdir("/proc/self/fd"))
+        if now != self.baseline:
+            raise AssertionError(f"fd leak: {now} open, {self.baseline} before")
+
+
+def _chunks(stream: list[tuple[bytes, int]]) -> bytes:
+    """Encode (bytes, fd count) pieces in MessageTarget's chunk format."""
+    out = bytearray()
+    for data, nfds in stream:
+        for i in range(0, len(data), 64):
+            piece = data[i : i + 64]
+            out.append((nfds if i == 0 else 0) << 6 | (len(piece) - 1))
+            out += piece
+    return bytes(out)
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """Valid starting points: a full negotiation and ring set-up, and one ring of requests."""
+    from pvbus.vhost_user.codec import encode
+    from pvbus.vhost_user.messages import (
+        U64,
+        ConfigSpace,
+        Empty,
+        MemTable,
+        Message,
+        Region,
+        Request,
+        VringAddr,
+        VringState,
+    )
+
+    def m(request: Request, payload: object = None, nfds: int = 0) -> tuple[bytes, int]:
+        msg = Message(request, payload if payload is not None else Empty())  # type: ignore[arg-type]
+        return encode(msg)[0], nfds
+
+    setup = [
+        m(Request.GET_FEATURES),
+        m(Request.SET_OWNER),
+        m(Request.SET_FEATURES, U64(1 << 32 | 1 << 29 | 1 << 30)),
+        m(Request.GET_PROTOCOL_FEATURES),
+        m(Request.SET_PROTOCOL_FEATURES, U64(0x1_020B)),
+        m(Request.GET_CONFIG, ConfigSpace(0, 60, 0, bytes(60))),
+        m(Request.SET_MEM_TABLE, MemTable((Region(0, 1 << 20, 0x7000_0000, 0),)), 1),
+        m(Request.SET_VRING_NUM, VringState(0, 8)),
+        m(Request.SET_VRING_ADDR, VringAddr(0, 0, 0x7000_0000, 0x7000_1000, 0x7000_0080)),
+        m(Request.SET_VRING_BASE, VringState(0, 0)),
+        m(Request.SET_VRING_CALL, U64(0x100)),
+        m(Request.SET_VRING_KICK, U64(0x100)),
+        m(Request.SET_VRING_ENABLE, VringState(0, 1)),
+        m(Request.GET_VRING_BASE, VringState(0, 0)),
+        m(Request.GET_STATUS),
+        m(Request.RESET_DEVICE),
+    ]
+    ring = bytearray(struct.pack("<BBH", 3, 1, 1))
+    ring += struct.pack("<QIHH", 0x10000 + 0x800, 16, 1, 1)
+    ring += struct.pack("<QIHH", 0x10000 + 0x900, 512, 3, 2)
+    ring += struct.pack("<QIHH", 0x10000 + 0xB00, 1, 2, 0)
+    return {"messages": [_chunks(setup)], "rings": [bytes(ring)]}
+
+
+TARGETS: dict[str, Callable[[], Callable[[bytes], None]]] = {
+    "rings": RingTarget,
+    "messages": MessageTarget,
+}
+
+
+#: Started in a fresh interpreter so that pvbus is imported under atheris' coverage hooks.
+LAUNCHER = """
+import sys, atheris
+with atheris.instrument_imports(include=["pvbus"]):
+    from pvbus.testing import fuzz
+fuzz.fuzz(sys.argv)
+"""
+
+
+def fuzz(argv: list[str]) -> None:
+    """Run libFuzzer on ``argv[1]`` with the libFuzzer options that follow; never returns."""
+    import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    if len(argv) < 2 or argv[1] not in TARGETS:
+        sys.exit(f"usage: fuzz {{{','.join(TARGETS)}}} [libFuzzer options]")
+    target = TARGETS[argv[1]]()
+    corpus = [a for a in argv[2:] if not a.startswith("-")]
+    for directory in corpus[:1]:
+        os.makedirs(directory, exist_ok=True)
+        for i, seed in enumerate(seeds()[argv[1]]):
+            with open(os.path.join(directory, f"seed-{i}"), "wb") as f:
+                f.write(seed)
+    atheris.Setup([argv[0], *argv[2:]], target)
+    atheris.Fuzz()
+
+
+def command(target: str, options: list[str]) -> list[str]:
+    """The command line that fuzzes ``target`` with libFuzzer ``options``."""
+    return [sys.executable, "-c", LAUNCHER, target, *options]
+
+
+if __name__ == "__main__":
+    os.execv(sys.executable, command(sys.argv[1] if len(sys.argv) > 1 else "", sys.argv[2:]))
