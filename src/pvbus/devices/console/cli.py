@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--multiport", action="store_true", help="offer MULTIPORT even for a single port"
     )
     parser.add_argument("--max-ports", type=int, help="max_nr_ports (default: the ports given)")
-    parser.add_argument("--queue-size", type=int, default=1024, help="max queue size (default 1024)")
+    parser.add_argument(
+        "--queue-size", type=int, default=1024, help="max queue size (default 1024)"
+    )
 
 
 def make_device(args: argparse.Namespace) -> ConsoleDevice:

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--burst", type=int, metavar="BYTES", help="token bucket size (default: one second)"
     )
-    parser.add_argument("--queue-size", type=int, default=1024, help="max queue size (default 1024)")
+    parser.add_argument(
+        "--queue-size", type=int, default=1024, help="max queue size (default 1024)"
+    )
 
 
 def make_device(args: argparse.Namespace) -> RngDevice:
