@@ -1,4 +1,4 @@
-"""No acknowledged write is lost when the backend is SIGKILLed under a writing guest.
+"""No acknowledged write is lost: backend SIGKILLed under a writing guest; power cut.
 
 The guest writes a numbered block stream with O_DIRECT and acknowledges each block once its
 write returned; meanwhile the test kills the pvbus backend at random moments, at least five
@@ -10,6 +10,7 @@ find every acknowledged block in the image exactly as written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pvbus.vm import DiskSpec, GuestBuildError, GuestImage, VmConfig, default_guest
+from pvbus.vm import DiskSpec, GuestBuildError, GuestImage, VmConfig, VmError, default_guest
 from pvbus.vm.runner import Vm, command_script
 
 pytestmark = pytest.mark.vm
@@ -98,3 +99,46 @@ def test_backend_killed_repeatedly_loses_no_acknowledged_write(
         block = data[n * BLOCK : (n + 1) * BLOCK]
         want = f"pvbus block {n:08d}\n".encode()
         assert block == want.ljust(BLOCK, b"\0"), f"block {n} lost or damaged"
+
+
+POWER_CUT = """
+ct=$(ls /sys/block/vda/cache_type /sys/block/vda/device/cache_type 2>/dev/null | head -n 1)
+echo "default $(cat "$ct")"
+echo "write through" > "$ct"
+echo "through $(cat "$ct")"
+dd if=/dev/urandom of=/tmp/a bs=4k count=16 2>/dev/null
+dd if=/tmp/a of=/dev/vda bs=4k oflag=direct 2>/dev/null
+echo "wt $(md5sum < /tmp/a | cut -d' ' -f1)"
+echo "write back" > "$ct"
+dd if=/dev/urandom of=/tmp/b bs=4k count=16 2>/dev/null
+dd if=/tmp/b of=/dev/vda bs=4k seek=64 conv=fsync 2>/dev/null
+echo "synced $(md5sum < /tmp/b | cut -d' ' -f1)"
+sleep 600
+"""
+
+
+def test_power_cut_after_fsync_keeps_every_acknowledged_write(
+    guest: GuestImage, tmp_path: Path
+) -> None:
+    """Both cache modes, switched by the guest; QEMU is killed the moment fsync returned."""
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(1 << 20)
+    config = VmConfig(transport="pci", accel="tcg", disks=(DiskSpec(image),))
+    vm = Vm(config, command_script([POWER_CUT]), guest=guest)
+    output = bytearray()
+
+    def watch(data: bytes) -> None:
+        output.extend(data)
+        if re.search(rb"synced \w+\n", output) and vm.pid is not None:
+            os.kill(vm.pid, signal.SIGKILL)
+
+    with vm, pytest.raises(VmError):
+        vm.wait(timeout=300, on_output=watch)
+    text = output.decode(errors="replace")
+    facts = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    assert facts["default"] == "write back", text
+    assert facts["through"] == "write through", text
+    data = image.read_bytes()
+    assert hashlib.md5(data[: 16 * 4096]).hexdigest() == facts["wt"]
+    assert hashlib.md5(data[64 * 4096 : 80 * 4096]).hexdigest() == facts["synced"]
