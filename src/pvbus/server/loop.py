@@ -95,8 +95,9 @@ class EventLoop:
                     callback()
                     if not self._running:
                         return
-            for poller in list(self.pollers.values()):
-                poller()
+            if self.pollers:
+                for poller in list(self.pollers.values()):
+                    poller()
 
     def close(self) -> None:
         """Release the epoll fd."""

@@ -239,7 +239,7 @@ class BlockDevice(VirtioDevice):
         used: list[tuple[int, int]] = []
         append = used.append
         pop = queue.pop
-        execute = self.execute
+        execute = self._execute  # the general path: plain requests are recognised here
         plain_io = self._plain_io
         plain_done = self._plain_done
         stats = self._stats
