@@ -13,7 +13,15 @@ import pydantic
 import pytest
 
 import pvbus.bus
-from pvbus.bus import EventLog, StatsBlock, UnknownDeviceTypeError, device_type, device_types
+from pvbus.bus import (
+    DeviceSnapshot,
+    EventLog,
+    QueueSnapshot,
+    StatsBlock,
+    UnknownDeviceTypeError,
+    device_type,
+    device_types,
+)
 from pvbus.bus._worker import Coalescer
 from pvbus.devices.base import LATENCY_BUCKETS, QueueStats, VirtioDevice
 from pvbus.devices.blk import BlkConfig, BlockDevice
@@ -76,6 +84,38 @@ def test_stats_block_round_trip() -> None:
         writer.close()
         reader.close()
         os.close(fd)
+
+
+def _queue(requests: int, in_flight: int = 0, bucket: int = 0) -> QueueSnapshot:
+    latency = tuple(requests if b == bucket else 0 for b in range(LATENCY_BUCKETS))
+    return QueueSnapshot(1, requests, requests * 512, 1, 0, 0, in_flight, latency)
+
+
+def test_snapshots_fold_across_worker_lifetimes() -> None:
+    """A stopped worker's counters (retired) plus the next worker's give cumulative stats."""
+    first = DeviceSnapshot(True, 0x0F, True, True, 1, 2, (_queue(5, 2, 3), _queue(1)))
+    base = first.retired()
+    assert (base.status, base.needs_reset, base.connected, base.rings_started) == (
+        0,
+        False,
+        False,
+        0,
+    )
+    assert [q.in_flight for q in base.queues] == [0, 0]
+    assert [q.requests for q in base.queues] == [5, 1]
+    second = DeviceSnapshot(True, 0x07, False, True, 1, 1, (_queue(2, 1, 4), _queue(0)))
+    total = second.plus(base)
+    assert [q.requests for q in total.queues] == [7, 1]
+    assert [q.bytes for q in total.queues] == [7 * 512, 512]
+    assert total.queues[0].in_flight == 1  # in flight now, on the live worker only
+    assert total.queues[0].latency[3:5] == (5, 2)
+    assert (total.status, total.connected, total.connections) == (0x07, True, 2)
+    # A worker that has not published yet adds nothing; no base changes nothing.
+    empty = DeviceSnapshot(False, 0, False, False, 0, 0)
+    assert empty.plus(base).queues == base.queues
+    assert second.plus(None) is second
+    with pytest.raises(ValueError):
+        DeviceSnapshot(True, 0, False, False, 0, 0, (_queue(1),)).plus(base)
 
 
 class FakeLoop:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import array
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pvbus.devices.base import LATENCY_BUCKETS, QueueStats
@@ -74,6 +74,19 @@ class QueueSnapshot:
             "latency": list(self.latency),
         }
 
+    def plus(self, other: QueueSnapshot) -> QueueSnapshot:
+        """Counters, histogram and in-flight added up."""
+        return QueueSnapshot(
+            self.kicks + other.kicks,
+            self.requests + other.requests,
+            self.bytes + other.bytes,
+            self.calls + other.calls,
+            self.errors + other.errors,
+            self.coalesced + other.coalesced,
+            self.in_flight + other.in_flight,
+            tuple(a + b for a, b in zip(self.latency, other.latency, strict=True)),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceSnapshot:
@@ -101,6 +114,35 @@ class DeviceSnapshot:
             "rings_started": self.rings_started,
             "queues": [q.to_dict() for q in self.queues],
         }
+
+    def retired(self) -> DeviceSnapshot:
+        """What a stopped worker leaves behind: its counters, nothing connected or in flight."""
+        return DeviceSnapshot(
+            self.ready,
+            0,
+            False,
+            False,
+            self.connections,
+            0,
+            tuple(replace(q, in_flight=0) for q in self.queues),
+        )
+
+    def plus(self, base: DeviceSnapshot | None) -> DeviceSnapshot:
+        """This (live) snapshot with ``base``'s counters added queue by queue.
+
+        ``base`` is what earlier workers of the device left behind (:meth:`retired`), so the
+        device's counters stay cumulative across worker lifetimes; status and connection come
+        from this snapshot. A side without queues (a worker not yet published) adds nothing.
+        """
+        if base is None:
+            return self
+        if not self.queues:
+            queues = base.queues
+        elif not base.queues:
+            queues = self.queues
+        else:
+            queues = tuple(a.plus(b) for a, b in zip(self.queues, base.queues, strict=True))
+        return replace(self, connections=self.connections + base.connections, queues=queues)
 
 
 class StatsBlock:
