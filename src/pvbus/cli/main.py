@@ -24,6 +24,7 @@ _COMMANDS = (
     "vm",
     "attach",
     "fuzz",
+    "soak",
 )
 
 Handler = Callable[[argparse.Namespace], int]
