@@ -204,7 +204,7 @@ def test_qemu_argv_pci() -> None:
     assert "-bios" not in argv
     assert "vhost-user-blk-pci,id=vdisk0,chardev=disk0,num-queues=1" in argv
     assert "vhost-user-blk-pci,id=vdisk1,chardev=disk1,num-queues=2" in argv
-    assert "socket,id=disk1,path=/w/disk1.sock" in argv
+    assert "socket,id=disk1,path=/w/disk1.sock,reconnect-ms=200" in argv
     assert "virtio-serial-pci,id=vser" in argv
     assert f"name={OUTPUT_PORT}" in line
     assert "unix:/w/qmp.sock,server=on,wait=off" in argv
@@ -222,7 +222,7 @@ def test_qemu_argv_mmio() -> None:
     assert argv[argv.index("-bios") + 1] == "/usr/share/qemu/qboot.rom"
     assert "virtio-mmio.force-legacy=false" in argv
     assert "tsc_early_khz=2445404" in argv[argv.index("-append") + 1]
-    assert "vhost-user-blk,id=vdisk0,chardev=disk0,num-queues=1" in argv
+    assert "vhost-user-blk,id=vdisk0,chardev=disk0,num-queues=1,queue-size=1024" in argv
     assert "virtio-serial-device,id=vser" in argv
     assert argv[argv.index("-cpu") + 1] == "host"
     assert argv[argv.index("-smp") + 1] == "2"
@@ -309,3 +309,13 @@ def test_marker_stream_passes_paused_output_through() -> None:
     assert b"".join(seen) == b"written 1234\ntail PVBUS-not the marker\n"
     stream.feed(b"PVBUS-EXIT-abc 3\n")
     assert stream.status == 3
+
+
+def test_reconnect_option_by_qemu_version() -> None:
+    from pvbus.vm.qemu import reconnect_option
+
+    assert reconnect_option(200, (10, 0)) == ",reconnect-ms=200"
+    assert reconnect_option(200, (9, 2)) == ",reconnect-ms=200"
+    assert reconnect_option(200, (7, 2)) == ",reconnect=1"
+    assert reconnect_option(2500, (8, 0)) == ",reconnect=2"
+    assert reconnect_option(0, (10, 0)) == ""

@@ -373,6 +373,17 @@ class BackendSession:
         span = queue_region_size(self.inflight_queue_size)
         if (index + 1) * span > area.size:
             return None
+        size = self.device.queues[index].size
+        if size > self.inflight_queue_size:
+            # QEMU sizes the area by its queue-size property, but on virtio-mmio the driver
+            # may pick a larger ring: track nothing rather than fail the ring.
+            self.log.warning(
+                "vring %d of %d entries exceeds the inflight area's %d: not tracked",
+                index,
+                size,
+                self.inflight_queue_size,
+            )
+            return None
         return SplitInflight(area.buf[index * span : (index + 1) * span], self.inflight_queue_size)
 
     # -- vrings -----------------------------------------------------------------------------

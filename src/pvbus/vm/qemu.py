@@ -205,7 +205,13 @@ def qemu_argv(
     for i, (disk, sock) in enumerate(zip(config.disks, paths.disk_sockets, strict=True)):
         reconnect = reconnect_option(config.reconnect_ms, qemu_version)
         argv += ["-chardev", f"socket,id=disk{i},path={sock}{reconnect}"]
-        argv += ["-device", f"{blk},id=vdisk{i},chardev=disk{i},num-queues={disk.num_queues}"]
+        # virtio-mmio lets the guest pick rings up to 1024 entries whatever queue-size says,
+        # while QEMU sizes the inflight area by queue-size: make them agree.
+        size = ",queue-size=1024" if config.transport == "mmio" else ""
+        argv += [
+            "-device",
+            f"{blk},id=vdisk{i},chardev=disk{i},num-queues={disk.num_queues}{size}",
+        ]
     devices = config.devices + paths.runner_devices
     for i, (spec, sock) in enumerate(zip(devices, paths.device_sockets, strict=True)):
         argv += qemu_device_args(spec, config.transport, i, sock)
