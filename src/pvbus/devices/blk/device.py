@@ -160,6 +160,7 @@ class BlockDevice(VirtioDevice):
         self._lock = threading.Lock()
         self._io_idle = threading.Condition(self._lock)
         self._io_pending = [0] * config.num_queues
+        self._io_unsignalled = [0] * config.num_queues
         self._index = 0
         #: Counters of the queue being processed.
         self._stats = self.queue_stats[0]
@@ -285,8 +286,14 @@ class BlockDevice(VirtioDevice):
                 mem = self.mem
                 queue.add_used(mem, head, self._plain_done(io, got, stats))
                 stats.requests += 1
-                if queue.needs_notification(mem):
-                    self.interrupt(index)
+                # Coalesce: signal when the last request in flight completes, or after a few
+                # completions while more keep coming (never more than COALESCE_IO unsignalled).
+                unsignalled = self._io_unsignalled[index] + 1
+                if self._io_pending[index] == 1 or unsignalled >= COALESCE_IO:
+                    unsignalled = 0
+                    if queue.needs_notification(mem):
+                        self.interrupt(index)
+                self._io_unsignalled[index] = unsignalled
             except Exception:  # an I/O thread must not die silently
                 log.exception("completing request %d of queue %d", head, index)
             finally:
@@ -526,6 +533,8 @@ class BlockDevice(VirtioDevice):
 _PlainIO = tuple[bool, list[memoryview], int, int, memoryview]
 #: Plain reads and writes at least this large go to the I/O threads.
 LARGE_IO = 128 << 10
+#: Most offloaded completions left unsignalled while others are still in flight.
+COALESCE_IO = 4
 
 
 def _plain_call(fd: int, io: _PlainIO) -> int:
