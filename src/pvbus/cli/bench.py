@@ -43,6 +43,14 @@ def register(sub: Any) -> None:
     notify.add_argument("--round-trips", type=int, default=20000, help="round trips (20000)")
     notify.set_defaults(handler=_bench_notify)
 
+    # virtio-net (pvbus.bench.net, imported when run): DPDK testpmd virtio-user as the load.
+    net = kinds.add_parser("net", help="virtio-net: DPDK testpmd against pvbus and DPDK vhost")
+    net.add_argument("--backend", choices=("pvbus", "dpdk", "both"), default="both")
+    net.add_argument("--size", type=int, action="append", help="frame size (64 and 1500)")
+    net.add_argument("--seconds", type=float, default=5.0, help="seconds per run (5)")
+    net.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    net.set_defaults(handler=lambda a: __import__("pvbus.bench.net", fromlist=["main"]).main(a))
+
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
