@@ -103,3 +103,23 @@ def test_serve_cli_rejects_bad_limits(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "slots" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_discard_with_more_segments_than_advertised_is_refused_without_work(
+    make_blk: MakeBlk,
+) -> None:
+    """A fuzzer found 2,000-segment write-zeroes requests taking seconds each: one segment only
+    (max_discard_seg = max_write_zeroes_seg = 1), checked before anything is copied."""
+    from pvbus.devices.blk.device import S_IOERR, S_OK, T_DISCARD, T_WRITE_ZEROES
+    from test_blk import Blk, hdr, seg
+
+    blk = Blk(make_blk(), queue_size=8)
+    many = b"".join(seg(i, 1) for i in range(2048))
+    for rtype in (T_DISCARD, T_WRITE_ZEROES):
+        assert blk.request([hdr(rtype), many], [1])[0] == S_IOERR
+        assert blk.request([hdr(rtype), seg(0, 1) + seg(4, 1)], [1])[0] == S_IOERR
+        assert blk.request([hdr(rtype), seg(0, 1)[:15]], [1])[0] == S_IOERR
+        assert blk.request([hdr(rtype), seg(8, 2)], [1])[0] == S_OK
+    config = blk.device.read_config()
+    assert int.from_bytes(config[40:44], "little") == 1  # max_discard_seg
+    assert int.from_bytes(config[52:56], "little") == 1  # max_write_zeroes_seg

@@ -61,6 +61,9 @@ _header_unpack = _HEADER.unpack_from
 _SEGMENT = struct.Struct("<QII")  # discard / write-zeroes segment: sector, num_sectors, flags
 _CONFIG = struct.Struct("<QII4xIBBHIBxHIIIIIB3x")
 WRITE_ZEROES_UNMAP = 1
+#: Segments in one DISCARD or WRITE_ZEROES request (config max_discard_seg and
+#: max_write_zeroes_seg).
+MAX_DWZ_SEGMENTS = 1
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -210,10 +213,10 @@ class BlockDevice(VirtioDevice):
             self.writeback,
             self.num_queues,
             self.max_discard_sectors,
-            1,  # max_discard_seg
+            MAX_DWZ_SEGMENTS,  # max_discard_seg
             lbs // SECTOR,  # discard_sector_alignment
             self.max_discard_sectors,  # max_write_zeroes_sectors
-            1,  # max_write_zeroes_seg
+            MAX_DWZ_SEGMENTS,  # max_write_zeroes_seg
             1,  # write_zeroes_may_unmap
         )
 
@@ -487,8 +490,14 @@ class BlockDevice(VirtioDevice):
             return S_UNSUPP
         if rtype == T_WRITE_ZEROES and not self.config.write_zeroes:
             return S_UNSUPP
-        data = _gather(bufs, sum(n for _, n in bufs), mem)
-        if not data or len(data) % _SEGMENT.size:
+        # As many segments as the config space allows (max_discard_seg, max_write_zeroes_seg
+        # are 1), checked before anything is copied: a request must not make us gather or
+        # loop over whatever the guest's buffers hold.
+        length = sum(n for _, n in bufs)
+        if length != _SEGMENT.size * MAX_DWZ_SEGMENTS:
+            return S_IOERR
+        data = _gather(bufs, length, mem)
+        if data is None:
             return S_IOERR
         for sector, count, flags in _SEGMENT.iter_unpack(data):
             if flags & ~WRITE_ZEROES_UNMAP or (rtype == T_DISCARD and flags):
