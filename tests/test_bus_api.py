@@ -262,15 +262,35 @@ def test_event_stream_delivers_new_events(daemon: Daemon, image: Path) -> None:
 
 
 def test_worker_crash_is_an_error_event(daemon: Daemon, image: Path) -> None:
-    info = daemon.client.add_device("blk", {"image": str(image)}, "d1")
-    os.kill(info["pid"], signal.SIGKILL)
-    wait_for(lambda: daemon.client.device("d1")["state"] == "failed", "state failed")
-    errors = [e for e in daemon.client.events() if e["type"] == "ERROR"]
-    assert errors and errors[0]["device"] == "d1"
-    assert "worker exited" in errors[0]["detail"]["error"]
+    """A worker killed under a connected frontend: ERROR then DISCONNECTED, state failed, no
+    stale socket, and the counters it published are kept."""
+    c = daemon.client
+    info = c.add_device("blk", {"image": str(image)}, "d1")
+    blk = BlockClient.connect(info["socket"])
+    try:
+        for i in range(4):
+            blk.write(i * 4096, bytes([i]) * 4096)
+        wait_for(lambda: c.stats("d1")["queues"][0]["requests"] == 4, "4 requests")
+        wait_for(lambda: c.device("d1")["connected"], "the connection in the device's status")
+        os.kill(info["pid"], signal.SIGKILL)
+        dead = wait_for(lambda: (d := c.device("d1"))["state"] == "failed" and d, "state failed")
+    finally:
+        blk.close()
+    assert dead["pid"] is None and dead["connected"] is False and dead["workers"] == 1
+    assert not Path(info["socket"]).exists()
+    q = c.stats("d1")["queues"][0]
+    assert (q["requests"], q["bytes"], q["in_flight"]) == (4, 4 * 4096, 0)
+    events = [(e["type"], e["detail"]) for e in c.events() if e["device"] == "d1"]
+    kinds = [t for t, _ in events]
+    assert kinds == ["DEVICE_CREATED", "CONNECTED", "ERROR", "DISCONNECTED"]
+    error = events[2][1]
+    assert error["error"] == "worker exited with -9" and error["pid"] == info["pid"]
     # Another device is not affected.
-    other = daemon.client.add_device("blk", {"image": str(image)}, "d2")
+    other = c.add_device("blk", {"image": str(image)}, "d2")
     assert other["state"] == "ready"
+    # A failed device can still be deleted.
+    c.remove_device("d1")
+    assert [d["id"] for d in c.devices()] == ["d2"]
 
 
 def test_cli_round_trip_and_one_line_errors(daemon: Daemon, image: Path) -> None:
@@ -279,8 +299,15 @@ def test_cli_round_trip_and_one_line_errors(daemon: Daemon, image: Path) -> None
     assert r.stdout.startswith("c1 ")
     r = daemon.cli("device", "list")
     assert "c1" in r.stdout and "blk" in r.stdout
+    r = daemon.cli("device", "add", "blk", "--id", "c2", "--image", str(image), "--num-queues", "2")
+    assert r.returncode == 0, r.stderr
     r = daemon.cli("stats")
-    assert r.returncode == 0 and "c1" in r.stdout and "REQUESTS" in r.stdout
+    assert r.returncode == 0, r.stderr
+    rows = [line.split()[:3] for line in r.stdout.splitlines()]
+    assert rows[0][:3] == ["DEVICE", "Q", "REQUESTS"]
+    assert rows[1:] == [["c1", "0", "0"], ["c2", "0", "0"], ["c2", "1", "0"]]  # a row per queue
+    r = daemon.cli("stats", "c2")
+    assert [line.split()[:2] for line in r.stdout.splitlines()[1:]] == [["c2", "0"], ["c2", "1"]]
     r = daemon.cli("events")
     assert "DEVICE_CREATED" in r.stdout and "device=c1" in r.stdout
     for args, message in [

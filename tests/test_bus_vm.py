@@ -125,27 +125,66 @@ def test_hotplug_io_detach_events_and_stats(daemon: Daemon, tmp_path: Path) -> N
     assert c.vms() == []
 
 
+def workers_of(daemon: Daemon) -> list[int]:
+    """PIDs of the daemon's live worker processes, from /proc."""
+    return sorted(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit()
+        and _ppid(int(p)) == daemon.proc.pid
+        and "pvbus.bus._worker" in _cmd(p)
+        and alive(int(p))
+    )
+
+
 def test_attach_detach_ten_times_leaks_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    """Each detach stops the worker that served the attachment (after chardev-remove) and a
+    fresh one serves the socket; nothing piles up: one worker, one socket, QEMU's chardevs as
+    before. The counters add up over all the workers, and each attachment's events end with
+    DISCONNECTED before its DEVDROP."""
     c = daemon.client
     img = make_image(tmp_path / "a.img", 1 << 20)
-    pid = c.add_device("blk", {"image": str(img), "serial": "loop"}, "a")["pid"]
+    pids = [c.add_device("blk", {"image": str(img), "serial": "loop"}, "a")["pid"]]
     c.start_vm(id="v1", hotplug_slots=1)
     baseline = c.vm("v1")["chardevs"]
+    requests = [0]
     for _ in range(10):
-        c.attach("a", "v1")
+        assert c.attach("a", "v1")["pid"] == pids[-1]
         assert "pvbus-chr-a" in c.vm("v1")["chardevs"]
-        c.detach("a")
+        info = c.detach("a")
         assert c.vm("v1")["chardevs"] == baseline
-    assert c.device("a")["pid"] == pid and alive(pid)
-    assert [p.name for p in (daemon.dir / "devices").glob("*.sock")] == ["a.sock"]
-    workers = [
-        p
-        for p in os.listdir("/proc")
-        if p.isdigit() and _ppid(int(p)) == daemon.proc.pid and "pvbus.bus._worker" in _cmd(p)
-    ]
-    assert workers == [str(pid)]
-    types = [e["type"] for e in c.events() if e["type"] in ("DEVADD", "DEVDROP")]
-    assert types == ["DEVADD", "DEVDROP"] * 10
+        assert info["state"] == "ready" and info["vm"] is None
+        assert info["pid"] not in pids and not alive(pids[-1])
+        assert workers_of(daemon) == [info["pid"]]
+        assert [p.name for p in (daemon.dir / "devices").glob("*.sock")] == ["a.sock"]
+        pids.append(info["pid"])
+        # The guest read the new disk's partition table: more requests, none lost.
+        requests.append(c.stats("a")["queues"][0]["requests"])
+        assert requests[-1] > requests[-2]
+    assert c.device("a")["workers"] == 11
+    kinds = ("DEVADD", "CONNECTED", "DISCONNECTED", "DEVDROP")
+    types = [e["type"] for e in c.events() if e["type"] in kinds]
+    assert types == list(kinds) * 10
+
+    # A worker killed while attached (and idle: requests in flight would never complete, and
+    # the guest would not let the disk go): ERROR, and a detach still works and starts a new one.
+    seq = c.events()[-1]["seq"]
+    pid = c.attach("a", "v1")["pid"]
+    with GuestShell(Path(c.vm("v1")["shell_socket"])) as sh:
+        name = wait_for(lambda: disks_by_serial(sh).get("loop"), "the disk in the guest")
+        sh.check(f"dd if=/dev/{name} of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null")
+    wait_for(lambda: queue0(daemon, "a")["in_flight"] == 0, "no request in flight")
+    os.kill(pid, 9)
+    dead = wait_for(lambda: (d := c.device("a"))["state"] == "failed" and d, "state failed")
+    assert dead["vm"] == "v1" and dead["pid"] is None
+    info = c.detach("a")
+    assert info["state"] == "ready" and alive(info["pid"]) and info["pid"] != pid
+    assert workers_of(daemon) == [info["pid"]]
+    assert c.vm("v1")["chardevs"] == baseline
+    types = [e["type"] for e in c.events(seq) if e["type"] in (*kinds, "ERROR")]
+    assert types == ["DEVADD", "CONNECTED", "ERROR", "DISCONNECTED", "DEVDROP"]
+    assert c.stats("a")["queues"][0]["requests"] >= requests[-1]
+    c.attach("a", "v1")  # and the device plugs in again
 
 
 def test_microvm_refuses_hotplug(daemon: Daemon, tmp_path: Path) -> None:

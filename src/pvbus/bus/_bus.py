@@ -7,7 +7,14 @@ the VM's platform cannot take), raising :class:`BusError` with a one-line reason
 Hot-plug (QEMU's QMP): ``chardev-add`` a socket chardev connected to the device's worker, then
 ``device_add`` the type's vhost-user driver on a free ``pcie-root-port`` (q35) or on ``pci.0``
 (pc); detach is ``device_del``, waiting for ``DEVICE_DELETED`` (the guest released the
-device), then ``chardev-remove``. QEMU's ``microvm`` (virtio-mmio) has no hot-plug.
+device), then ``chardev-remove``, then the worker stops. QEMU's ``microvm`` (virtio-mmio) has
+no hot-plug.
+
+A device always has at most one worker. One starts with the device, and a fresh one after every
+detach (or when the VM goes away), so an unattached device keeps serving its socket to userspace
+frontends and each attachment begins on a worker no VM has used; an attach starts one if the
+last died. The counters a stopped worker leaves behind are kept (:attr:`DeviceRecord.base`), so
+a device's stats are cumulative over its life.
 """
 
 from __future__ import annotations
@@ -103,8 +110,29 @@ class VmSpec(pydantic.BaseModel):
 
 
 @dataclass
+class Worker:
+    """One worker process of a device and the daemon's read-only mapping of its stats block."""
+
+    process: asyncio.subprocess.Process
+    stats_fd: int
+    stats: StatsBlock
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+
+@dataclass
 class DeviceRecord:
-    """A device instance: its worker, socket, stats block and where it is plugged in."""
+    """A device instance: its current worker, socket, counters and where it is plugged in.
+
+    ``state``: ``starting`` / ``stopping`` while a worker starts or stops, ``attaching``
+    during a hot-plug, ``ready`` while a worker serves the socket, ``failed`` once it died
+    (an attach or detach starts a new one), ``stopped`` once the device is deleted. ``base``
+    holds the counters earlier workers left behind, so :meth:`snapshot` is cumulative over
+    the device's life.
+    """
 
     id: str
     type: DeviceType
@@ -112,18 +140,25 @@ class DeviceRecord:
     coalesce: Coalesce | None
     socket: Path
     log_path: Path
-    process: asyncio.subprocess.Process
-    stats_fd: int
-    stats: StatsBlock
-    state: str = "ready"
+    worker: Worker | None = None
+    workers: int = 0
+    base: DeviceSnapshot | None = None
+    state: str = "starting"
     vm: str | None = None
     qdev: str | None = None
     bus: str | None = None
     last: DeviceSnapshot | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def snapshot(self) -> DeviceSnapshot:
+        """Counters of every worker so far, status of the current one."""
+        if self.worker is None:
+            return self.base or _NO_STATS
+        return self.worker.stats.snapshot().plus(self.base)
 
     def info(self) -> dict[str, Any]:
         """JSON-ready description."""
-        snap = self.stats.snapshot()
+        snap = self.snapshot()
         return {
             "id": self.id,
             "type": self.type.name,
@@ -131,13 +166,17 @@ class DeviceRecord:
             "coalesce": self.coalesce.model_dump() if self.coalesce else None,
             "socket": str(self.socket),
             "state": self.state,
-            "pid": self.process.pid,
+            "pid": self.worker.pid if self.worker else None,
+            "workers": self.workers,
             "vm": self.vm,
             "qdev": self.qdev,
             "bus": self.bus,
             "status": _status_names(snap.status, snap.needs_reset),
             "connected": snap.connected,
         }
+
+
+_NO_STATS = DeviceSnapshot(False, 0, False, False, 0, 0)
 
 
 @dataclass
@@ -217,6 +256,7 @@ class Bus:
         self._monitor: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._counter = 0
+        self._closing = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -228,6 +268,7 @@ class Bus:
 
     async def close(self) -> None:
         """Detach everything, stop our VMs and every worker, remove sockets."""
+        self._closing = True
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -238,7 +279,7 @@ class Bus:
             except Exception as err:
                 log.warning("stopping VM %s: %s", vm.id, err)
         for dev in list(self.devices.values()):
-            await self._stop_worker(dev)
+            await self._retire(dev, report=False)
             dev.log_path.unlink(missing_ok=True)
             self.devices.pop(dev.id, None)
         self.events.close()
@@ -286,18 +327,40 @@ class Bus:
                 dev_id = self._new_id(type_name, self.devices)
             elif dev_id in self.devices:
                 raise BusError(f"device {dev_id!r} exists", 409)
-            sock = self.run_dir / "devices" / f"{dev_id}.sock"
-            log_path = self.run_dir / "devices" / f"{dev_id}.log"
-            fd, block = StatsBlock.create()
-            argv = worker_argv(
-                dtype.name,
-                str(sock),
-                fd,
-                dtype.argv(config),
-                max_delay_us=coalesce.max_delay_us if coalesce else 0,
-                max_batch=coalesce.max_batch if coalesce else 0,
+            devices = self.run_dir / "devices"
+            rec = DeviceRecord(
+                dev_id,
+                dtype,
+                config,
+                coalesce,
+                devices / f"{dev_id}.sock",
+                devices / f"{dev_id}.log",
             )
-            with log_path.open("wb") as logf:
+            try:
+                await self._spawn(rec)
+            except BusError:
+                rec.log_path.unlink(missing_ok=True)
+                raise
+            self.devices[dev_id] = rec
+        self.events.emit("DEVICE_CREATED", device=dev_id, type=dtype.name, socket=str(rec.socket))
+        return rec
+
+    async def _spawn(self, rec: DeviceRecord) -> None:
+        """Start a worker for ``rec`` and wait until it listens (BusError if it does not)."""
+        assert rec.worker is None
+        rec.state = "starting"
+        fd, block = StatsBlock.create()
+        coalesce = rec.coalesce
+        argv = worker_argv(
+            rec.type.name,
+            str(rec.socket),
+            fd,
+            rec.type.argv(rec.config),
+            max_delay_us=coalesce.max_delay_us if coalesce else 0,
+            max_batch=coalesce.max_batch if coalesce else 0,
+        )
+        try:
+            with rec.log_path.open("ab") as logf:
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -305,32 +368,46 @@ class Bus:
                     stderr=logf,
                     pass_fds=(fd,),
                 )
-            rec = DeviceRecord(dev_id, dtype, config, coalesce, sock, log_path, proc, fd, block)
-            try:
-                await self._wait_ready(rec)
-            except BusError:
-                await self._stop_worker(rec)
-                log_path.unlink(missing_ok=True)
-                raise
-            self.devices[dev_id] = rec
-            rec.last = block.snapshot()
-        log.info("device %s (%s) ready, worker pid %d", dev_id, dtype.name, proc.pid)
-        self.events.emit("DEVICE_CREATED", device=dev_id, type=dtype.name, socket=str(sock))
-        return rec
+        except OSError as err:
+            block.close()
+            os.close(fd)
+            rec.state = "failed"
+            raise BusError(f"cannot start a worker for {rec.id}: {err}", 500) from None
+        rec.worker = Worker(proc, fd, block)
+        rec.workers += 1
+        try:
+            await self._wait_ready(rec, rec.worker)
+        except BusError:
+            await self._retire(rec, report=False)
+            rec.state = "failed"
+            raise
+        rec.state = "ready"
+        rec.last = rec.snapshot()
+        log.info("device %s (%s) ready, worker pid %d", rec.id, rec.type.name, proc.pid)
 
-    async def _wait_ready(self, rec: DeviceRecord) -> None:
+    async def _wait_ready(self, rec: DeviceRecord, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _WORKER_START_TIMEOUT
-        while not rec.stats.ready:
-            if rec.process.returncode is not None:
-                why = _tail(rec.log_path) or f"worker exited with {rec.process.returncode}"
+        while not worker.stats.ready:
+            if worker.process.returncode is not None:
+                why = _tail(rec.log_path) or f"worker exited with {worker.process.returncode}"
                 raise BusError(why.removeprefix("pvbus-worker: "), 422)
             if loop.time() > deadline:
                 raise BusError(f"worker for {rec.id} did not start", 500)
             await asyncio.sleep(0.01)
 
-    async def _stop_worker(self, rec: DeviceRecord) -> None:
-        proc = rec.process
+    async def _retire(self, rec: DeviceRecord, *, report: bool) -> None:
+        """Stop ``rec``'s worker (if any), keep its final counters in ``rec.base``.
+
+        With ``report``, the changes in its final publication (the frontend's disconnect, the
+        reset to status 0) become events before this returns, so whatever the caller emits
+        next (``DEVDROP``) comes after them.
+        """
+        worker = rec.worker
+        if worker is None:
+            return
+        rec.state = "stopping"
+        proc = worker.process
         if proc.returncode is None:
             proc.terminate()
             try:
@@ -338,25 +415,57 @@ class Bus:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        self._fold(rec, report=report)
+
+    def _fold(self, rec: DeviceRecord, *, report: bool) -> None:
+        """The worker exited: add its last counters to the base and unmap its stats block.
+
+        With ``report``, what changed since the monitor last looked becomes events, and a
+        frontend still connected in the final publication (a killed worker) a DISCONNECTED.
+        """
+        worker = rec.worker
+        assert worker is not None
+        final = worker.stats.snapshot().plus(rec.base)
+        rec.base = final.retired()
+        rec.worker = None
+        # The worker removes its socket on a clean exit; a killed one leaves it behind.
         rec.socket.unlink(missing_ok=True)
-        rec.stats.close()
+        worker.stats.close()
         with contextlib.suppress(OSError):
-            os.close(rec.stats_fd)
-        rec.state = "stopped"
+            os.close(worker.stats_fd)
+        if report and rec.last is not None:
+            self._diff(rec, rec.last, final)
+            if final.connected:
+                self.events.emit("DISCONNECTED", device=rec.id, vm=rec.vm)
+        rec.last = rec.snapshot()
+
+    async def _restart(self, rec: DeviceRecord) -> None:
+        """Start a fresh worker for an unattached device; a failure is an ERROR event."""
+        if self._closing:
+            return
+        try:
+            await self._spawn(rec)
+        except BusError as err:
+            log.error("device %s: no new worker: %s", rec.id, err)
+            self.events.emit("ERROR", device=rec.id, error=f"cannot restart worker: {err}")
 
     async def delete_device(self, dev_id: str) -> None:
         """Stop the device's worker; refused while it is attached."""
         rec = self.device(dev_id)
-        if rec.vm is not None:
-            raise BusError(f"device {dev_id} is attached to VM {rec.vm}; detach it first")
-        self.devices.pop(dev_id, None)
-        await self._stop_worker(rec)
-        rec.log_path.unlink(missing_ok=True)
+        async with rec.lock:
+            if rec.vm is not None:
+                raise BusError(f"device {dev_id} is attached to VM {rec.vm}; detach it first")
+            if self.devices.pop(dev_id, None) is None:
+                raise BusError(f"unknown device {dev_id!r}", 404)
+            await self._retire(rec, report=False)
+            rec.state = "stopped"
+            rec.socket.unlink(missing_ok=True)
+            rec.log_path.unlink(missing_ok=True)
         self.events.emit("DEVICE_DELETED", device=dev_id)
 
     def snapshot(self, dev_id: str) -> DeviceSnapshot:
-        """The device's counters now."""
-        return self.device(dev_id).stats.snapshot()
+        """The device's counters now (cumulative over its workers)."""
+        return self.device(dev_id).snapshot()
 
     # -- VMs --------------------------------------------------------------------------------
 
@@ -489,22 +598,24 @@ class Bus:
         rec.tasks = [asyncio.create_task(events()), asyncio.create_task(runstate())]
 
     async def _vm_gone(self, rec: VmRecord, reason: str) -> None:
+        """The VM stopped (or was released): QEMU stopped if ours, its devices dropped."""
         rec.state = "stopped"
+        for fut in rec.deleted.values():  # a detach waiting for the guest waits no more
+            if not fut.done():
+                fut.set_result(None)
+        if rec.vm is not None:
+            await asyncio.to_thread(rec.vm.stop)
         for dev_id in sorted(rec.devices):
             dev = self.devices.get(dev_id)
             if dev is not None:
-                dev.vm = dev.qdev = dev.bus = None
-                self.events.emit("DEVDROP", device=dev_id, vm=rec.id, reason=reason)
+                async with dev.lock:
+                    if dev.vm == rec.id:
+                        await self._unplugged(dev, rec, reason)
         rec.devices.clear()
-        for fut in rec.deleted.values():
-            if not fut.done():
-                fut.set_result(None)
         if self.vms.pop(rec.id, None) is not None:
             self.events.emit("VM_STOP", vm=rec.id, reason=reason)
-        if rec.vm is not None:
-            await asyncio.to_thread(rec.vm.stop)
-            if rec.workdir is not None:
-                shutil.rmtree(rec.workdir, ignore_errors=True)
+        if rec.workdir is not None:
+            shutil.rmtree(rec.workdir, ignore_errors=True)
 
     async def stop_vm(self, vm_id: str) -> None:
         """Stop a bus-started VM; release an adopted one (our devices unplugged first)."""
@@ -554,21 +665,34 @@ class Bus:
         )
 
     async def attach(self, dev_id: str, vm_id: str) -> DeviceRecord:
-        """Hot-plug device ``dev_id`` into VM ``vm_id``."""
+        """Hot-plug device ``dev_id`` into VM ``vm_id`` (starting a worker if none runs)."""
         dev = self.device(dev_id)
-        rec = self.vm(vm_id)
+        async with dev.lock:
+            return await self._attach(dev, self.vm(vm_id))
+
+    async def _attach(self, dev: DeviceRecord, rec: VmRecord) -> DeviceRecord:
+        dev_id, vm_id = dev.id, rec.id
+        if dev.state == "stopped":
+            raise BusError(f"unknown device {dev_id!r}", 404)
         if dev.vm is not None:
             raise BusError(f"device {dev_id} is already attached to VM {dev.vm}")
-        if dev.state != "ready":
-            raise BusError(f"device {dev_id} is {dev.state}")
         if rec.state != "running":
             raise BusError(f"VM {vm_id} is {rec.state}")
         driver = dev.type.qemu
         if driver is None:
             raise BusError(f"QEMU has no vhost-user driver for {dev.type.name} devices", 422)
         bus = await self._free_bus(rec)
+        if dev.worker is not None and dev.worker.process.returncode is not None:
+            self._check(dev)  # it died since the monitor last looked: ERROR, counters kept
+        if dev.worker is None:
+            log.info("device %s: starting a new worker to attach it", dev_id)
+            await self._spawn(dev)
+        assert dev.worker is not None
         chardev, qdev, netdev = f"pvbus-chr-{dev_id}", f"pvbus-dev-{dev_id}", f"pvbus-net-{dev_id}"
-        dev.vm = vm_id  # claimed: a second attach of the same device is refused from here on
+        dev.vm = vm_id  # claimed: the device lock keeps other attaches and detaches out
+        # QEMU connects to the worker inside device_add; the monitor reports what the worker
+        # saw only after DEVADD, so an attachment's events always start with it.
+        dev.state = "attaching"
         rec.claimed.add(bus)
         args: dict[str, Any] = {"driver": driver.driver, "id": qdev, "bus": bus}
         args.update(driver.properties)
@@ -603,53 +727,76 @@ class Bus:
             else:
                 args["chardev"] = chardev
             await rec.qmp.execute("device_add", args)
-        except ExecuteError as err:
+        except QMPError as err:
             dev.vm = None
             for cmd, cmd_args in reversed(done):
                 with contextlib.suppress(QMPError):
                     await rec.qmp.execute(cmd, cmd_args)
-            raise BusError(
-                f"QEMU refused to plug {dev_id} into {vm_id}: {err.error.error.desc}", 422
-            ) from None
+            why = err.error.error.desc if isinstance(err, ExecuteError) else str(err)
+            raise BusError(f"QEMU refused to plug {dev_id} into {vm_id}: {why}", 422) from None
         finally:
             rec.claimed.discard(bus)
+            dev.state = "ready"
         dev.qdev, dev.bus = qdev, bus
         rec.devices.add(dev_id)
         log.info("device %s attached to VM %s on %s", dev_id, vm_id, bus)
-        self.events.emit("DEVADD", device=dev_id, vm=vm_id, bus=bus, driver=driver.driver)
+        self.events.emit(
+            "DEVADD", device=dev_id, vm=vm_id, bus=bus, driver=driver.driver, worker=dev.worker.pid
+        )
         return dev
 
     async def detach(self, dev_id: str) -> DeviceRecord:
-        """Hot-unplug device ``dev_id`` from its VM, waiting for the guest to release it."""
+        """Hot-unplug device ``dev_id`` from its VM, then replace its worker.
+
+        ``device_del``, wait for ``DEVICE_DELETED`` (the guest released the device),
+        ``netdev_del`` (net), ``chardev-remove``, stop the worker; ``DEVDROP``; then a fresh
+        worker serves the socket again for the next attach or a userspace frontend.
+        """
         dev = self.device(dev_id)
-        if dev.vm is None or dev.qdev is None:
-            raise BusError(f"device {dev_id} is not attached")
-        rec = self.vm(dev.vm)
+        async with dev.lock:
+            if dev.vm is None or dev.qdev is None:
+                raise BusError(f"device {dev_id} is not attached")
+            rec = self.vm(dev.vm)
+            await self._unplug(dev, rec)
+            await self._unplugged(dev, rec, "detached")
+        return dev
+
+    async def _unplug(self, dev: DeviceRecord, rec: VmRecord) -> None:
+        assert dev.qdev is not None
         qdev = dev.qdev
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec.deleted[qdev] = fut
         try:
             await rec.qmp.execute("device_del", {"id": qdev})
             await asyncio.wait_for(asyncio.shield(fut), _UNPLUG_TIMEOUT)
         except ExecuteError as err:
-            raise BusError(f"QEMU refused to unplug {dev_id}: {err.error.error.desc}") from None
+            raise BusError(f"QEMU refused to unplug {dev.id}: {err.error.error.desc}") from None
+        except QMPError as err:
+            if rec.state != "stopped":  # else QEMU is gone, and the device with it
+                raise BusError(f"VM {rec.id}: QMP: {err}", 500) from None
         except TimeoutError:
             raise BusError(
-                f"the guest in VM {rec.id} did not release {dev_id} within {_UNPLUG_TIMEOUT:g} s"
+                f"the guest in VM {rec.id} did not release {dev.id} within {_UNPLUG_TIMEOUT:g} s"
             ) from None
         finally:
             rec.deleted.pop(qdev, None)
         if dev.type.qemu is not None and dev.type.qemu.netdev:
-            with contextlib.suppress(ExecuteError):
-                await rec.qmp.execute("netdev_del", {"id": f"pvbus-net-{dev_id}"})
-        with contextlib.suppress(ExecuteError):
-            await rec.qmp.execute("chardev-remove", {"id": f"pvbus-chr-{dev_id}"})
-        rec.devices.discard(dev_id)
+            with contextlib.suppress(QMPError):
+                await rec.qmp.execute("netdev_del", {"id": f"pvbus-net-{dev.id}"})
+        with contextlib.suppress(QMPError):
+            await rec.qmp.execute("chardev-remove", {"id": f"pvbus-chr-{dev.id}"})
+
+    async def _unplugged(self, dev: DeviceRecord, rec: VmRecord, reason: str) -> None:
+        """The VM let go of ``dev`` (or is gone): stop its worker, DEVDROP, start a new one.
+
+        The old worker's last events (DISCONNECTED, the reset) come before ``DEVDROP``.
+        """
+        await self._retire(dev, report=True)
+        rec.devices.discard(dev.id)
         dev.vm = dev.qdev = dev.bus = None
-        log.info("device %s detached from VM %s", dev_id, rec.id)
-        self.events.emit("DEVDROP", device=dev_id, vm=rec.id, reason="detached")
-        return dev
+        log.info("device %s unplugged from VM %s (%s)", dev.id, rec.id, reason)
+        self.events.emit("DEVDROP", device=dev.id, vm=rec.id, reason=reason)
+        await self._restart(dev)
 
     # -- watching workers -------------------------------------------------------------------
 
@@ -660,23 +807,31 @@ class Bus:
                 self._check(dev)
 
     def _check(self, dev: DeviceRecord) -> None:
-        if dev.state == "ready" and dev.process.returncode is not None:
+        worker = dev.worker
+        if dev.state != "ready" or worker is None:
+            return
+        code = worker.process.returncode
+        if code is not None:
             dev.state = "failed"
-            why = _tail(dev.log_path)
-            log.error("device %s: worker exited with %s", dev.id, dev.process.returncode)
+            log.error("device %s: worker %d exited with %s", dev.id, worker.pid, code)
             self.events.emit(
                 "ERROR",
                 device=dev.id,
                 vm=dev.vm,
-                error=f"worker exited with {dev.process.returncode}",
-                log=why,
+                error=f"worker exited with {code}",
+                pid=worker.pid,
+                log=_tail(dev.log_path),
             )
+            self._fold(dev, report=True)
             return
-        new = dev.stats.snapshot()
+        new = dev.snapshot()
         old = dev.last
         dev.last = new
-        if old is None:
-            return
+        if old is not None:
+            self._diff(dev, old, new)
+
+    def _diff(self, dev: DeviceRecord, old: DeviceSnapshot, new: DeviceSnapshot) -> None:
+        """Events for what changed between two snapshots of one device."""
         vm = dev.vm
         if new.connected != old.connected:
             self.events.emit("CONNECTED" if new.connected else "DISCONNECTED", device=dev.id, vm=vm)

@@ -81,7 +81,10 @@ def prometheus_text(snapshots: dict[str, tuple[str, DeviceSnapshot]]) -> str:
             out.append(
                 f'pvbus_queue_in_flight{{device="{dev}",type="{dtype}",queue="{i}"}} {q.in_flight}'
             )
-    out.append("# HELP pvbus_queue_latency_seconds Batch service time per request.")
+    out.append(
+        "# HELP pvbus_queue_latency_seconds Service time of the batch each request completed"
+        " in (per batch, not per request; requests completed outside a batch are not counted)."
+    )
     out.append("# TYPE pvbus_queue_latency_seconds histogram")
     for dev, (dtype, snap) in snapshots.items():
         for i, q in enumerate(snap.queues):
@@ -177,14 +180,11 @@ def create_app(run_dir: Path) -> FastAPI:
 
     @app.get("/stats", summary="Counters of every device, per queue")
     async def all_stats() -> dict[str, Any]:
-        return {
-            d.id: {"type": d.type.name, **d.stats.snapshot().to_dict()}
-            for d in bus.devices.values()
-        }
+        return {d.id: {"type": d.type.name, **d.snapshot().to_dict()} for d in bus.devices.values()}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:
-        snaps = {d.id: (d.type.name, d.stats.snapshot()) for d in bus.devices.values()}
+        snaps = {d.id: (d.type.name, d.snapshot()) for d in bus.devices.values()}
         return PlainTextResponse(
             prometheus_text(snaps), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
