@@ -4,6 +4,7 @@ Event types: ``DEVICE_CREATED``, ``DEVICE_DELETED``; ``DEVADD`` / ``DEVDROP`` wh
 is plugged into / unplugged from a VM's bus; ``CONNECTED`` / ``DISCONNECTED`` (a vhost-user
 frontend); status changes ``DRIVER_OK``, ``NEEDS_RESET`` and ``STATUS`` (any other change of
 the virtio device status, e.g. a reset to 0); ``ERROR``; ``VM_START`` and ``VM_STOP``.
+The bus emits an attachment's events between its ``DEVADD`` and its ``DEVDROP``.
 """
 
 from __future__ import annotations

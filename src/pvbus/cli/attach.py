@@ -28,7 +28,10 @@ def register(sub: Any) -> None:
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(handler=_events)
 
-    stats = sub.add_parser("stats", help="per-queue counters of bus devices")
+    stats = sub.add_parser(
+        "stats",
+        help="per-queue counters of bus devices (a row per queue; P50/P99: batch latency bounds)",
+    )
     add_api_socket(stats)
     stats.add_argument("device", nargs="?", help="one device (default: all)")
     stats.add_argument("--json", action="store_true", help="the raw counters as JSON")

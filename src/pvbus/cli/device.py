@@ -75,10 +75,18 @@ def _list(args: argparse.Namespace) -> int:
     with client(args) as bus:
         devices = bus.devices()
     rows = [
-        (d["id"], d["type"], d["state"], d["vm"] or "-", ",".join(d["status"]) or "-", d["socket"])
+        (
+            d["id"],
+            d["type"],
+            d["state"],
+            d["vm"] or "-",
+            d["pid"] or "-",
+            ",".join(d["status"]) or "-",
+            d["socket"],
+        )
         for d in devices
     ]
-    print(table(rows, ("ID", "TYPE", "STATE", "VM", "STATUS", "SOCKET")))
+    print(table(rows, ("ID", "TYPE", "STATE", "VM", "PID", "STATUS", "SOCKET")))
     return 0
 
 
