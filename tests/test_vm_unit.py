@@ -319,3 +319,22 @@ def test_reconnect_option_by_qemu_version() -> None:
     assert reconnect_option(200, (7, 2)) == ",reconnect=1"
     assert reconnect_option(2500, (8, 0)) == ",reconnect=2"
     assert reconnect_option(0, (10, 0)) == ""
+
+
+@pytest.mark.parametrize(
+    ("transport", "device"), [("pci", "virtio-net-pci"), ("mmio", "virtio-net-device")]
+)
+def test_net_device_spec_renders_a_vhost_user_netdev(transport: str, device: str) -> None:
+    from pvbus.vm.devices import DeviceSpec, qemu_device_args, serve_argv
+
+    spec = DeviceSpec.parse("net:switch=/run/sw.sock,mac=52:54:00:00:00:07,queue-pairs=2")
+    args = qemu_device_args(spec, transport, 1, Path("/w/dev1.sock"))
+    assert args[:2] == ["-chardev", "socket,id=pvdev1,path=/w/dev1.sock"]
+    assert args[2:4] == ["-netdev", "vhost-user,id=pvnet1,chardev=pvdev1,queues=2"]
+    props = args[5].split(",")
+    assert props[0] == device and "netdev=pvnet1" in props and "mq=on" in props
+    assert "mac=52:54:00:00:00:07" in props
+    assert ("vectors=6" in props) == (transport == "pci")
+    argv = serve_argv(spec, Path("/w/dev1.sock"))
+    assert argv[argv.index("serve") + 1] == "net"
+    assert argv[argv.index("--switch") + 1] == "/run/sw.sock"

@@ -1,8 +1,9 @@
-"""Extra pvbus devices for a VM: rng, console and vsock, each served by ``pvbus serve``.
+"""Extra pvbus devices for a VM: net, rng, console and vsock, each served by ``pvbus serve``.
 
 A :class:`DeviceSpec` names the device type and its ``pvbus serve`` options; the runner starts
 one backend process per spec (:func:`start_device`) and QEMU gets a vhost-user device on its
-socket (:func:`qemu_device_args`). QEMU has dedicated vhost-user devices for rng and vsock;
+socket (:func:`qemu_device_args`). QEMU has dedicated vhost-user devices for rng and vsock,
+renders net as a virtio-net device on a ``vhost-user`` netdev,
 the console uses the generic ``vhost-user-device`` (QEMU docs/system/devices/vhost-user.rst),
 which needs the virtio id, the queue count and the config size on the command line.
 """
@@ -33,10 +34,11 @@ __all__ = [
     "unsupported_reason",
 ]
 
-DEVICE_KINDS = ("rng", "console", "vsock")
+DEVICE_KINDS = ("net", "rng", "console", "vsock")
 
 #: QEMU device per kind and transport (pci, mmio).
 _QEMU_DEVICES = {
+    "net": ("virtio-net-pci", "virtio-net-device"),
     "rng": ("vhost-user-rng-pci", "vhost-user-rng"),
     "vsock": ("vhost-user-vsock-pci", "vhost-user-vsock-device"),
     "console": ("vhost-user-device-pci", "vhost-user-device"),
@@ -141,6 +143,23 @@ def qemu_device_args(spec: DeviceSpec, transport: str, index: int, socket_path: 
     pci, mmio = _QEMU_DEVICES[spec.kind]
     device = mmio if transport == "mmio" else pci
     chardev = f"pvdev{index}"
+    if spec.kind == "net":
+        pairs = int(spec.option("queue-pairs") or 1)
+        netdev = f"vhost-user,id=pvnet{index},chardev={chardev},queues={pairs}"
+        props = f"{device},id=pvdev{index}dev,netdev=pvnet{index}"
+        mac = spec.option("mac")
+        if mac:
+            props += f",mac={mac}"
+        if pairs > 1:
+            props += ",mq=on" + (f",vectors={2 * pairs + 2}" if transport == "pci" else "")
+        return [
+            "-chardev",
+            f"socket,id={chardev},path={socket_path}",
+            "-netdev",
+            netdev,
+            "-device",
+            props,
+        ]
     props = f"{device},id=pvdev{index}dev,chardev={chardev}"
     if spec.kind == "console":
         props += f",virtio-id=3,num_vqs={spec.console_queues()},config_size={CONSOLE_CONFIG.size}"
