@@ -35,7 +35,7 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KIND[:KEY=VALUE,...]",
-        help="extra pvbus device: rng, console or vsock; each KEY=VALUE is passed to "
+        help="extra pvbus device: net, rng, console or vsock; each KEY=VALUE is passed to "
         "'pvbus serve KIND' as --KEY VALUE (e.g. vsock:uds-path=/tmp/v.sock)",
     )
     parser.add_argument(
