@@ -184,7 +184,16 @@ def test_attach_detach_ten_times_leaks_nothing(daemon: Daemon, tmp_path: Path) -
     types = [e["type"] for e in c.events(seq) if e["type"] in (*kinds, "ERROR")]
     assert types == ["DEVADD", "CONNECTED", "ERROR", "DISCONNECTED", "DEVDROP"]
     assert c.stats("a")["queues"][0]["requests"] >= requests[-1]
-    c.attach("a", "v1")  # and the device plugs in again
+    pid = c.attach("a", "v1")["pid"]  # and the device plugs in again
+
+    # Stopping the VM with the device attached drops it the same way: a new worker.
+    seq = c.events()[-1]["seq"]
+    c.stop_vm("v1")
+    info = c.device("a")
+    assert info["vm"] is None and info["state"] == "ready" and info["pid"] != pid
+    assert workers_of(daemon) == [info["pid"]] and not alive(pid)
+    tail = [(e["type"], e["detail"].get("reason")) for e in c.events(seq)]
+    assert tail.index(("DEVDROP", "stopped")) < tail.index(("VM_STOP", "stopped"))
 
 
 def test_microvm_refuses_hotplug(daemon: Daemon, tmp_path: Path) -> None:
