@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,29 +14,17 @@ import pytest
 
 from pvbus.devices.console import ConsoleConfig, ConsoleDevice, PortSpec, open_backend
 from pvbus.frontend.console import PORT_READY, ConsoleClient, ConsoleClientError
-from pvbus.server import EventLoop, VhostUserServer, listen_unix
+from pvbus.testing import ServedDevice
 
 
-class Served:
+class Served(ServedDevice):
     """A ConsoleDevice served on a Unix socket by an event loop thread."""
+
+    device: ConsoleDevice
 
     def __init__(self, path: str, config: ConsoleConfig) -> None:
         backends = [open_backend(p.backend) for p in config.ports]
-        self.device = ConsoleDevice(config, backends)
-        self.loop = EventLoop()
-        self.server = VhostUserServer(self.device, listen_unix(path), self.loop)
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.loop.add_reader(self.wake, self.loop.stop)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        os.eventfd_write(self.wake, 1)
-        self.thread.join(5)
-        self.server.close()
-        self.loop.close()
-        self.device.close()
-        os.close(self.wake)
+        super().__init__(ConsoleDevice(config, backends), path)
 
 
 def connect_host(path: Path) -> socket.socket:

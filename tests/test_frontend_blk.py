@@ -30,7 +30,8 @@ from pvbus.frontend import (
     Status,
 )
 from pvbus.frontend.blk import DRIVER_FEATURES, F_FLUSH
-from pvbus.server import EventLoop, VhostUserServer, listen_unix
+from pvbus.server import VhostUserServer
+from pvbus.testing import ServedDevice
 from pvbus.vhost_user.backend import BACKEND_PROTOCOL_FEATURES, BackendSession
 from pvbus.vhost_user.messages import ProtocolFeature, Request
 from pvbus.virtio.constants import F_EVENT_IDX, bit
@@ -39,15 +40,15 @@ DISK = 4 << 20
 QSD = shutil.which("qemu-storage-daemon")
 
 
-class ServerThread:
-    """A pvbus vhost-user-blk server on an event loop in a thread."""
+class ServerThread(ServedDevice):
+    """A pvbus vhost-user-blk server on an event loop in a thread, offering only
+    ``protocol_features``."""
+
+    device: BlockDevice
 
     def __init__(
         self, sock_path: Path, image: Path, protocol_features: int, **config: object
     ) -> None:
-        self.device = BlockDevice(BlkConfig(str(image), **config))  # type: ignore[arg-type]
-        self.loop = EventLoop()
-        listener = listen_unix(str(sock_path))
         proto = protocol_features
 
         class Server(VhostUserServer):
@@ -56,20 +57,11 @@ class ServerThread:
                 if self.session is not None:
                     self.session = BackendSession(self.device, self, protocol_features=proto)
 
-        self.server = Server(self.device, listener, self.loop)
-        self._stop_r, self._stop_w = os.pipe()
-        self.loop.add_reader(self._stop_r, self.loop.stop)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
+        device = BlockDevice(BlkConfig(str(image), **config))  # type: ignore[arg-type]
+        super().__init__(device, sock_path, server=Server)
 
     def stop(self) -> None:
-        os.write(self._stop_w, b"x")
-        self.thread.join(10)
-        self.server.close()
-        self.loop.close()
-        self.device.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        self.close()
 
 
 def make_image(path: Path, size: int = DISK) -> Path:

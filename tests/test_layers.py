@@ -68,3 +68,20 @@ def test_testing_exports_the_mock_driver() -> None:
     import pvbus.testing
 
     assert {"FakeGuest", "MockDriverQueue"} <= set(pvbus.testing.__all__)
+
+
+def test_served_device_serves_a_real_socket_and_cleans_up(tmp_path: Path) -> None:
+    """pvbus.testing.ServedDevice: a frontend connects, closing removes nothing it does not own."""
+    import socket
+
+    from pvbus.devices.rng import RngConfig, RngDevice
+    from pvbus.testing import ServedDevice
+
+    path = tmp_path / "rng.sock"
+    with ServedDevice(RngDevice(RngConfig()), path) as served:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.close()
+        assert served.running
+    assert not served.running
+    assert served.server.listener.fileno() == -1  # closed

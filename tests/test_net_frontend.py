@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from pvbus.devices.net import NetConfig, NetDevice, SeqpacketBackend, parse_mac
 from pvbus.frontend.net import DRIVER_FEATURES, F_MRG_RXBUF, NetClient, NetClientError
-from pvbus.server import EventLoop, VhostUserServer, listen_unix
+from pvbus.testing import ServedDevice
 
 MAC = parse_mac("52:54:00:00:10:01")
 PEER = parse_mac("52:54:00:00:10:02")
@@ -30,27 +29,18 @@ def eth(dst: bytes, src: bytes, payload: bytes) -> bytes:
     return dst + src + b"\x88\xb5" + payload
 
 
-class Served:
-    """A NetDevice served on a Unix socket by an event loop thread."""
+class Served(ServedDevice):
+    """A NetDevice served on a Unix socket by an event loop thread, its backend a socketpair."""
+
+    device: NetDevice
 
     def __init__(self, path: str, config: NetConfig) -> None:
         self.peer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.device = NetDevice(config, SeqpacketBackend(theirs))
-        self.loop = EventLoop()
-        self.server = VhostUserServer(self.device, listen_unix(path), self.loop)
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.loop.add_reader(self.wake, self.loop.stop)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
+        super().__init__(NetDevice(config, SeqpacketBackend(theirs)), path)
 
     def close(self) -> None:
-        os.eventfd_write(self.wake, 1)
-        self.thread.join(5)
-        self.server.close()
-        self.loop.close()
-        self.device.close()
+        super().close()
         self.peer.close()
-        os.close(self.wake)
 
     def peer_recv(self, count: int, timeout: float = 5.0) -> list[bytes]:
         self.peer.settimeout(timeout)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,27 +11,16 @@ import pytest
 
 from pvbus.devices.rng import RngConfig, RngDevice
 from pvbus.frontend.rng import RngClient
-from pvbus.server import EventLoop, VhostUserServer, listen_unix
+from pvbus.testing import ServedDevice
 
 
-class Served:
+class Served(ServedDevice):
     """An RngDevice served on a Unix socket by an event loop thread."""
 
-    def __init__(self, path: str, config: RngConfig) -> None:
-        self.device = RngDevice(config)
-        self.loop = EventLoop()
-        self.server = VhostUserServer(self.device, listen_unix(path), self.loop)
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.loop.add_reader(self.wake, self.loop.stop)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
+    device: RngDevice
 
-    def close(self) -> None:
-        os.eventfd_write(self.wake, 1)
-        self.thread.join(5)
-        self.server.close()
-        self.loop.close()
-        os.close(self.wake)
+    def __init__(self, path: str, config: RngConfig) -> None:
+        super().__init__(RngDevice(config), path)
 
 
 @pytest.fixture

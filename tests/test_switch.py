@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from pvbus.devices.net import (
     listen_seqpacket,
 )
 from pvbus.devices.net.frames import BROADCAST
-from pvbus.server import EventLoop
+from pvbus.testing import LoopThread
 
 A = bytes.fromhex("525400000001")
 B = bytes.fromhex("525400000002")
@@ -87,22 +85,18 @@ def test_table_is_bounded() -> None:
 
 
 class SwitchThread:
-    """A SwitchServer on its own event loop thread; an eventfd tells the loop to stop."""
+    """A SwitchServer on its own event loop thread."""
 
     def __init__(self, path: str) -> None:
-        self.loop = EventLoop()
+        self._thread = LoopThread()
+        self.loop = self._thread.loop
         self.server = SwitchServer(listen_seqpacket(path), self.loop)
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.loop.add_reader(self.wake, self.loop.stop)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
+        self._thread.start()
 
     def close(self) -> None:
-        os.eventfd_write(self.wake, 1)
-        self.thread.join(5)
+        self._thread.stop()
         self.server.close()
-        self.loop.close()
-        os.close(self.wake)
+        self._thread.close()
 
 
 @pytest.fixture

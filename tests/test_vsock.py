@@ -31,30 +31,18 @@ from pvbus.frontend.vsock import (
     VsockClient,
     VsockClientError,
 )
-from pvbus.server import EventLoop, VhostUserServer, listen_unix
+from pvbus.testing import ServedDevice
 
 CID = 7
 
 
-class Served:
+class Served(ServedDevice):
     """A VsockDevice served on a Unix socket by an event loop thread."""
 
-    def __init__(self, path: str, config: VsockConfig) -> None:
-        self.device = VsockDevice(config)
-        self.loop = EventLoop()
-        self.server = VhostUserServer(self.device, listen_unix(path), self.loop)
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.loop.add_reader(self.wake, self.loop.stop)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
+    device: VsockDevice
 
-    def close(self) -> None:
-        os.eventfd_write(self.wake, 1)
-        self.thread.join(5)
-        self.server.close()
-        self.loop.close()
-        self.device.close()
-        os.close(self.wake)
+    def __init__(self, path: str, config: VsockConfig) -> None:
+        super().__init__(VsockDevice(config), path)
 
 
 @pytest.fixture

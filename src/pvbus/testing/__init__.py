@@ -3,18 +3,20 @@
 :class:`FakeGuest` is guest memory on a bytearray with a bump allocator; :class:`MockDriverQueue`
 is a driver-side split queue in it that builds requests from bytes and reads back what the device
 wrote. Devices are tested by handing them the device-side :class:`~pvbus.virtio.SplitQueue`
-that mirrors the mock queue (``mock.device_queue``).
+that mirrors the mock queue (``mock.device_queue``). :class:`ServedDevice` serves a device
+over a real vhost-user socket from a background thread, for frontend tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pvbus.testing._served import LoopThread, ServedDevice
 from pvbus.virtio.driver import DriverQueue, ring_layout
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
 from pvbus.virtio.split import SplitQueue
 
-__all__ = ["FakeGuest", "MockDriverQueue"]
+__all__ = ["FakeGuest", "LoopThread", "MockDriverQueue", "ServedDevice"]
 
 
 class FakeGuest:
