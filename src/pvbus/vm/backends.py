@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import stat
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pvbus.vm._process import BackendError, ServeProcess, spawn_serving
 from pvbus.vm.qemu import DiskSpec
 
 __all__ = [
@@ -34,10 +31,6 @@ __all__ = [
 MAX_QUEUE_SIZE = 1024
 
 BackendArgv = Callable[[DiskSpec, Path], list[str]]
-
-
-class BackendError(Exception):
-    """A backend could not be started or did not create its socket."""
 
 
 def pvbus_blk_argv(disk: DiskSpec, socket_path: Path) -> list[str]:
@@ -69,44 +62,11 @@ def qsd_blk_argv(disk: DiskSpec, socket_path: Path) -> list[str]:
 BACKENDS: dict[str, BackendArgv] = {"pvbus": pvbus_blk_argv, "qsd": qsd_blk_argv}
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 @dataclass
-class Backend:
-    """A running backend: its socket, process and log file."""
+class Backend(ServeProcess):
+    """A running disk backend."""
 
-    disk: DiskSpec
-    socket_path: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 5) -> str:
-        """The last lines the backend printed."""
-        return _tail(self.log_path, lines)
-
-
-def _is_socket(path: Path) -> bool:
-    try:
-        return stat.S_ISSOCK(path.stat().st_mode)
-    except OSError:
-        return False
+    disk: DiskSpec = field(kw_only=True)
 
 
 def start_backend(
@@ -124,19 +84,6 @@ def start_backend(
         raise BackendError(f"{argv[0]} not found")
     if not disk.path.exists():
         raise BackendError(f"disk image {disk.path} does not exist")
-    socket_path.unlink(missing_ok=True)
-    with log_path.open("ab") as log:  # a restarted backend appends to its log
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    backend = Backend(disk, socket_path, proc, log_path)
-    deadline = time.monotonic() + timeout
-    while not _is_socket(socket_path):
-        if proc.poll() is not None:
-            tail = backend.log_tail(1)
-            raise BackendError(
-                f"{Path(argv[0]).name} backend for {disk.path} exited ({proc.returncode}): {tail}"
-            )
-        if time.monotonic() > deadline:
-            backend.stop()
-            raise BackendError(f"backend for {disk.path} did not create {socket_path}")
-        time.sleep(0.02)
-    return backend
+    what = f"{Path(argv[0]).name} backend for {disk.path}"
+    proc = spawn_serving(argv, socket_path, log_path, what, timeout)
+    return Backend(socket_path, proc, log_path, disk=disk)

@@ -11,18 +11,15 @@ which needs the virtio id, the queue count and the config size on the command li
 from __future__ import annotations
 
 import functools
-import os
 import re
-import signal
-import stat
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvbus.devices.console.device import CONFIG as CONSOLE_CONFIG
 from pvbus.devices.console.device import ConsoleConfig, PortSpec
+from pvbus.vm._process import BackendError, ServeProcess, spawn_serving
 
 __all__ = [
     "DEVICE_KINDS",
@@ -167,47 +164,24 @@ def qemu_device_args(spec: DeviceSpec, transport: str, index: int, socket_path: 
 
 
 @dataclass
-class DeviceBackend:
+class DeviceBackend(ServeProcess):
     """A running ``pvbus serve`` process for one device."""
 
-    spec: DeviceSpec
-    socket_path: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+    spec: DeviceSpec = field(kw_only=True)
 
 
 def start_device(
     spec: DeviceSpec, socket_path: Path, log_path: Path, *, timeout: float = 15.0
 ) -> DeviceBackend:
     """Start the backend for ``spec`` and wait until it listens; raises RuntimeError."""
-    socket_path.unlink(missing_ok=True)
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            serve_argv(spec, socket_path), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+    try:
+        proc = spawn_serving(
+            serve_argv(spec, socket_path),
+            socket_path,
+            log_path,
+            f"pvbus serve {spec.kind}",
+            timeout,
         )
-    backend = DeviceBackend(spec, socket_path, proc, log_path)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if stat.S_ISSOCK(os.stat(socket_path).st_mode):
-                return backend
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-            raise RuntimeError(f"pvbus serve {spec.kind} exited ({proc.returncode}): {tail}")
-        if time.monotonic() > deadline:
-            backend.stop()
-            raise RuntimeError(f"pvbus serve {spec.kind} did not create {socket_path}")
-        time.sleep(0.02)
+    except BackendError as err:
+        raise RuntimeError(str(err)) from err
+    return DeviceBackend(socket_path, proc, log_path, spec=spec)
