@@ -29,8 +29,10 @@ second, ``drained`` and ``done`` on its stdout.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import random
@@ -173,9 +175,12 @@ class SoakReport:
     cpu_other_pct: float = 0.0
     cpu_steal_pct: float = 0.0
     load_average: list[float] = field(default_factory=list)
-    backend_wait_median_ms: float = 0.0
+    backend_wait_median_ms: float = 0.0  # run-queue wait per second of one backend
     backend_wait_max_ms: float = 0.0
-    starved_wait_ms: list[float] = field(default_factory=list)
+    # Each starved device-second (up to 200) with its backend's scheduling around it: how long
+    # it ran and how long it was runnable but waiting for a CPU, in the sampled window.
+    starved_cells: list[dict[str, Any]] = field(default_factory=list)
+    starved_waiting_for_cpu: int = 0  # ... of which the backend waited >= half the window
     per_second_total: list[int] = field(default_factory=list)
     per_second_min: list[int] = field(default_factory=list)
     per_device_total: dict[str, int] = field(default_factory=dict)
@@ -232,13 +237,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def _run_queue_wait(pid: int) -> int:
-    """Nanoseconds ``pid``'s main thread spent runnable but not running (/proc/PID/schedstat)."""
+def _schedstat(pid: int) -> tuple[int, int]:
+    """Nanoseconds ``pid``'s main thread ran, and spent runnable but not running (waiting on a
+    run queue), from /proc/PID/schedstat; (0, 0) if it is gone."""
     try:
         with open(f"/proc/{pid}/schedstat", "rb") as f:
-            return int(f.read().split()[1])
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0
+            ran, waited = f.read().split()[:2]
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return 0, 0
+    return int(ran), int(waited)
 
 
 def _machine_cpu() -> tuple[float, float, float]:
@@ -605,8 +612,12 @@ def _frontend_main() -> int:
         _emit({"type": "fatal", "error": f"connecting: {err}"})
         return 1
     _emit({"type": "ready"})
-    if lines.next_line() != "go":
+    go = (lines.next_line() or "").split()
+    if not go or go[0] != "go":
         return 0
+    # Ticks fall on whole seconds after the orchestrator's start time (CLOCK_MONOTONIC is the
+    # same clock in every process), so the frontends' seconds line up.
+    t0 = float(go[1]) if len(go) > 1 else time.monotonic()
     ep = select.epoll()
     by_fd: dict[int, tuple[_Driven, bool]] = {}
     for d in devs:
@@ -619,11 +630,10 @@ def _frontend_main() -> int:
     for d in devs:
         d.start()
     clock = time.monotonic
-    t0 = last_tick = clock()
+    last_tick = clock()
     end = t0 + seconds
     next_tick = t0 + 1.0
     last = [0] * len(devs)
-    tick = 0
     running = True
     drain_deadline = 0.0
     maxevents = len(by_fd) + 1
@@ -662,20 +672,22 @@ def _frontend_main() -> int:
                 ep.unregister(d.client.frontend.sock.fileno())
         now = clock()
         if running and now >= next_tick:
+            # Second k ends at t0 + k + 1. A frontend that was not scheduled for longer than a
+            # second reports one longer tick, numbered by the last second it closes.
+            whole = int(now - t0)
             counts = [d.done for d in devs]
             _emit(
                 {
                     "type": "tick",
-                    "k": tick,
-                    "dt": round(now - last_tick, 4),
+                    "k": whole - 1,
+                    "a": last_tick,
+                    "b": now,
                     "d": [c - p for c, p in zip(counts, last, strict=True)],
                 }
             )
             last = counts
             last_tick = now
-            tick += 1
-            # Behind by more than a second (this process was not scheduled): one longer tick.
-            next_tick = max(next_tick + 1.0, now + 0.5)
+            next_tick = t0 + whole + 1.0
         if running and now >= end:
             running = False
             drain_deadline = now + 30.0
@@ -895,17 +907,19 @@ def _run(
     # Run.
     cpu = _CpuAccount(pids, [fe.proc.pid for fe in frontends], daemon_pid)
     report.load_average = [round(x, 2) for x in os.getloadavg()]
-    waits: list[list[int]] = []  # per orchestrator second, per backend: run-queue wait (ns)
-    last_wait = [_run_queue_wait(p) for p in pids]
-    for fe in frontends:
-        fe.send("go")
+    # Samples of every backend's (ran, run-queue wait) in ns, about once a second.
+    sched: list[tuple[float, list[tuple[int, int]]]] = []
+    cells: list[list[tuple[int, float, float, int]]] = [[] for _ in range(n)]  # (k, a, b, done)
+    rows: dict[int, dict[int, int]] = {}  # second -> device -> completed
+    latest = [-1] * count  # last second each frontend reported
     t0 = time.monotonic()
-    next_wait = t0 + 1.0
+    sched.append((t0, [_schedstat(p) for p in pids]))
+    for fe in frontends:
+        fe.send(f"go {t0!r}")
+    next_sched = t0 + 1.0
     warm_at = t0 + job.warmup_seconds
     baseline_taken = False
     anon_start: list[int] = []
-    ticks: dict[int, dict[int, int]] = {}  # second -> device -> completed
-    tick_dt: list[float] = []
     drained: dict[int, dict[str, Any]] = {}
     next_sample = t0
     last_line = -1
@@ -917,10 +931,13 @@ def _run(
                 k = by_stdout[fd]
                 for msg in frontends[k].read_messages():
                     if msg["type"] == "tick":
-                        row = ticks.setdefault(msg["k"], {})
+                        second = int(msg["k"])
+                        row = rows.setdefault(second, {})
                         for pos, delta in enumerate(msg["d"]):
-                            row[frontends[k].indices[pos]] = delta
-                        tick_dt.append(float(msg["dt"]))
+                            i = frontends[k].indices[pos]
+                            row[i] = delta
+                            cells[i].append((second, float(msg["a"]), float(msg["b"]), delta))
+                        latest[k] = second
                     elif msg["type"] == "drained":
                         drained[k] = msg
                     elif msg["type"] == "fatal":
@@ -937,21 +954,20 @@ def _run(
                 anon_start = [a for _, a in mem]
                 report.rss_start = sum(r for r, _ in mem)
                 report.rss_anon_start = sum(anon_start)
-            if now >= next_wait:
-                next_wait += 1.0
-                current = [_run_queue_wait(p) for p in pids]
-                waits.append([c - p for c, p in zip(current, last_wait, strict=True)])
-                last_wait = current
+            if now >= next_sched:
+                next_sched = now + 1.0
+                sched.append((now, [_schedstat(p) for p in pids]))
             if now >= next_sample:
                 next_sample += 5.0
                 mem = [proc_memory(p) for p in pids]
                 report.rss_series.append(
                     (round(now - t0, 1), sum(r for r, _ in mem), sum(a for _, a in mem))
                 )
-            while len(ticks.get(last_line + 1, ())) == n:
+            while last_line < min(latest):
                 last_line += 1
-                row = ticks[last_line]
-                values = sorted(row.values())
+                if last_line not in rows:
+                    continue
+                values = sorted(rows[last_line].values())
                 say(
                     f"{last_line + 1:5d}/{int(job.seconds)} s  {sum(values):7d} req/s  "
                     f"per device min {values[0]} median {_median(values):.0f} max {values[-1]}  "
@@ -1012,7 +1028,8 @@ def _run(
             report.image_mismatches += msg["bad"]
     report.fds_idle_end = _settled_fds(pids, report.fds_idle_start)
 
-    _summarize(report, ticks, tick_dt, devs, waits)
+    sched.append((time.monotonic(), [_schedstat(p) for p in pids]))
+    _summarize(report, rows, cells, devs, sched)
     _judge(report, job, baseline_taken)
     return report
 
@@ -1041,44 +1058,71 @@ def _settled_fds(pids: list[int], want: list[int], timeout: float = 5.0) -> list
 
 def _summarize(
     report: SoakReport,
-    ticks: dict[int, dict[int, int]],
-    tick_dt: list[float],
+    rows: dict[int, dict[int, int]],
+    cells: list[list[tuple[int, float, float, int]]],
     devs: list[_Backend],
-    waits: list[list[int]],
+    sched: list[tuple[float, list[tuple[int, int]]]],
 ) -> None:
     n = len(devs)
-    all_waits = [w for row in waits for w in row]
-    report.backend_wait_median_ms = round(_median(all_waits) / 1e6, 2)
-    report.backend_wait_max_ms = round(max(all_waits, default=0) / 1e6, 1)
-    seconds = sorted(s for s, row in ticks.items() if len(row) == n)
-    report.measured_seconds = len(seconds)
-    report.max_tick_seconds = max(tick_dt, default=0.0)
-    cells: list[int] = []
-    starved: set[int] = set()
-    for s in seconds:
-        row = ticks[s]
-        values = [row[i] for i in range(n)]
-        cells += values
-        for i in range(n):
-            if row[i] == 0:
-                starved.add(i)
-                # The frontends' seconds and ours are not aligned: the worse of two overlapping.
-                near = [waits[k][i] for k in (s, s + 1) if k < len(waits)]
-                report.starved_wait_ms.append(round(max(near, default=0) / 1e6, 1))
-        report.per_second_total.append(sum(values))
-        report.per_second_min.append(min(values))
-    report.device_seconds = len(cells)
-    report.starved_device_seconds = sum(1 for c in cells if c == 0)
-    report.starved_devices = [devs[i].id for i in sorted(starved)]
-    if cells:
-        report.second_min = min(cells)
-        report.second_median = _median(cells)
-        report.second_max = max(cells)
-    if seconds:
-        rates = [sum(ticks[s][i] for s in seconds) / len(seconds) for i in range(n)]
+    report.measured_seconds = len(rows)
+    counts = [c[3] for dev in cells for c in dev]
+    report.device_seconds = len(counts)
+    report.max_tick_seconds = round(max((c[2] - c[1] for d in cells for c in d), default=0.0), 3)
+    if counts:
+        report.second_min = min(counts)
+        report.second_median = _median(counts)
+        report.second_max = max(counts)
+    rates = [
+        sum(c[3] for c in dev) / span
+        for dev in cells
+        if (span := sum(c[2] - c[1] for c in dev)) > 0
+    ]
+    if rates:
         report.rate_min = min(rates)
         report.rate_median = _median(rates)
         report.rate_max = max(rates)
+    for second in sorted(rows):
+        row = rows[second]
+        if len(row) == n:
+            report.per_second_total.append(sum(row.values()))
+            report.per_second_min.append(min(row.values()))
+    waits = [
+        (w1 - w0) / (t1 - t0)
+        for (t0, s0), (t1, s1) in itertools.pairwise(sched)
+        if t1 > t0
+        for (_, w0), (_, w1) in zip(s0, s1, strict=True)
+    ]
+    report.backend_wait_median_ms = round(_median(waits) / 1e6, 1)
+    report.backend_wait_max_ms = round(max(waits, default=0) / 1e6, 1)
+    times = [t for t, _ in sched]
+    starved: set[int] = set()
+    for i, dev in enumerate(cells):
+        for second, a, b, done in dev:
+            if done:
+                continue
+            starved.add(i)
+            report.starved_device_seconds += 1
+            # The backend's scheduling in the sampled window around the starved tick.
+            lo = max(0, bisect.bisect_right(times, a) - 1)
+            hi = min(len(times) - 1, bisect.bisect_left(times, b))
+            window = times[hi] - times[lo]
+            ran = (sched[hi][1][i][0] - sched[lo][1][i][0]) / 1e6
+            waited = (sched[hi][1][i][1] - sched[lo][1][i][1]) / 1e6
+            if window > 0 and waited >= 500 * window:
+                report.starved_waiting_for_cpu += 1
+            if len(report.starved_cells) < 200:
+                report.starved_cells.append(
+                    {
+                        "device": devs[i].id,
+                        "second": second,
+                        "length_s": round(b - a, 3),
+                        "window_s": round(window, 3),
+                        "ran_ms": round(ran, 1),
+                        "waited_ms": round(waited, 1),
+                    }
+                )
+    report.starved_cells.sort(key=lambda c: (c["second"], c["device"]))
+    report.starved_devices = [devs[i].id for i in sorted(starved)]
 
 
 def _judge(report: SoakReport, job: SoakJob, baseline_taken: bool) -> None:
@@ -1177,10 +1221,18 @@ def format_report(r: SoakReport) -> str:
         f"backend run-queue wait   per second median {r.backend_wait_median_ms} ms, max "
         f"{r.backend_wait_max_ms} ms",
     ]
-    if r.starved_wait_ms:
+    if r.starved_device_seconds:
         lines.append(
-            f"  starved seconds' waits {', '.join(f'{w:.0f}' for w in r.starved_wait_ms[:12])} ms"
+            f"starved device-seconds whose backend was runnable but waiting for a CPU for at "
+            f"least half the time around them: {r.starved_waiting_for_cpu} of "
+            f"{r.starved_device_seconds}"
         )
+        for c in r.starved_cells[:8]:
+            lines.append(
+                f"  {c['device']} second {c['second']}: {c['length_s']:.2f} s without progress; "
+                f"in {c['window_s']:.1f} s around it the backend ran {c['ran_ms']:.0f} ms and "
+                f"waited {c['waited_ms']:.0f} ms"
+            )
     if r.daemon_pid:
         lines.append(
             f"daemon (pid {r.daemon_pid})     fds {r.daemon_fds_start} -> {r.daemon_fds_end}, "
