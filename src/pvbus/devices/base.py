@@ -143,8 +143,12 @@ class VirtioDevice:
         mem = self.mem
         done = 0
         start = perf_counter_ns()
+        # With EVENT_IDX nothing needs turning off: the driver kicks only when its available
+        # index passes avail_event, which stays put until set_notification re-arms it.
+        suppress = not queue.event_idx
         while True:
-            queue.set_notification(mem, False)
+            if suppress:
+                queue.set_notification(mem, False)
             done += handle(queue, mem)
             if not queue.set_notification(mem, True):
                 break
