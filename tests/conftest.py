@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pvbus.devices.blk import BlkConfig, BlockDevice
+from pvbus.vm import GuestBuildError, GuestImage, default_guest
 
 
 def memfd(size: int, name: str = "pvbus-test") -> int:
@@ -52,3 +54,23 @@ def make_blk(image: Path) -> Iterator[MakeBlk]:
     yield make
     for device in devices:
         device.close()
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    """The cached guest image for real-VM tests.
+
+    Skipped where QEMU or the guest cannot be had, except in CI (``CI`` set), where
+    scripts/install.sh provides both and a skip would hide a broken set-up.
+    """
+    problem = None
+    if shutil.which("qemu-system-x86_64") is None:
+        problem = "qemu-system-x86_64 not installed"
+    else:
+        try:
+            return default_guest()
+        except GuestBuildError as err:
+            problem = f"cannot build the guest: {err}"
+    if os.environ.get("CI"):
+        pytest.fail(problem)
+    pytest.skip(problem)

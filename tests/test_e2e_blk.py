@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,27 +22,15 @@ import pytest
 
 from pvbus.vm import (
     DiskSpec,
-    GuestBuildError,
     GuestImage,
     VmConfig,
     VmError,
-    default_guest,
     run_command,
 )
 from pvbus.vm.runner import Vm, command_script
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return default_guest()
-    except GuestBuildError as err:
-        pytest.skip(f"cannot build the guest: {err}")
 
 
 def _image(path: Path, mib: int, fill: bytes | None = None, at: int = 0) -> Path:

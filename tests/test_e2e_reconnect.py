@@ -14,13 +14,12 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
-from pvbus.vm import DiskSpec, GuestBuildError, GuestImage, VmConfig, VmError, default_guest
+from pvbus.vm import DiskSpec, GuestImage, VmConfig, VmError
 from pvbus.vm.runner import Vm, command_script
 
 pytestmark = pytest.mark.vm
@@ -47,16 +46,6 @@ done
 echo "reread-bad $bad"
 echo "kernel-errors $(dmesg | grep -ciE 'i/o error|blk_update_request|critical')"
 """
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return default_guest()
-    except GuestBuildError as err:
-        pytest.skip(f"cannot build the guest: {err}")
 
 
 def test_backend_killed_repeatedly_loses_no_acknowledged_write(

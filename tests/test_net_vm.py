@@ -23,19 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from pvbus.vm import GuestBuildError, GuestImage, RunResult, Vm, VmConfig, default_guest
+from pvbus.vm import GuestImage, RunResult, Vm, VmConfig
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return default_guest()
-    except GuestBuildError as err:
-        pytest.skip(f"cannot build the guest: {err}")
 
 
 def qemu_net_args(transport: str, socket_path: Path, mac: str, queues: int = 1) -> tuple[str, ...]:

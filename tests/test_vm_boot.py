@@ -7,21 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pvbus.vm import DiskSpec, GuestBuildError, GuestImage, VmConfig, default_guest, run_command
+from pvbus.vm import DiskSpec, GuestImage, VmConfig, run_command
 
 pytestmark = pytest.mark.vm
 
 SCRIPT = "cat /sys/block/vda/size; echo to-stderr >&2; ls /sys/bus/virtio/drivers; exit 7"
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return default_guest()
-    except GuestBuildError as err:
-        pytest.skip(f"cannot build the guest: {err}")
 
 
 def disk(tmp_path: Path, mib: int = 16) -> Path:

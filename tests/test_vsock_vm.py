@@ -6,7 +6,6 @@ do not let users create: that test skips there.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -14,20 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pvbus.vm import GuestBuildError, GuestImage, Vm, VmConfig, default_guest, run_command
+from pvbus.vm import GuestImage, Vm, VmConfig, run_command
 from pvbus.vm.devices import DeviceSpec, unsupported_reason
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return default_guest()
-    except GuestBuildError as err:
-        pytest.skip(f"cannot build the guest: {err}")
 
 
 def test_command_output_comes_over_vsock(guest: GuestImage) -> None:
