@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import struct
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import MakeBlk
 from pvbus.devices.blk import BlkConfig, BlockDevice
+from pvbus.devices.blk import cli as blk_cli
 from pvbus.devices.blk.device import (
     F_DISCARD,
     F_FLUSH,
@@ -405,3 +407,28 @@ def test_open_image_errors(tmp_path: Path) -> None:
         open_image(str(empty), False)
     with pytest.raises(ValueError):
         open_image(str(tmp_path), True)
+
+
+def test_zero_length_requests(blk: Blk) -> None:
+    # The null request (what `pvbus bench notify` times): it succeeds and moves nothing, at
+    # any sector up to the capacity; past it the range check still fails it.
+    assert blk.simple(T_IN, 5) == (S_OK, b"")
+    assert blk.simple(T_OUT, SECTORS) == (S_OK, b"")
+    assert blk.simple(T_IN, SECTORS + 1)[0] == S_IOERR
+    assert image_bytes(blk.device, 5 * 512, 512) == sector(5)
+    assert blk.interrupts == [0, 0, 0]
+
+
+def test_io_threads_option(image: Path) -> None:
+    parser = argparse.ArgumentParser()
+    blk_cli.add_arguments(parser)
+    device = blk_cli.make_device(parser.parse_args(["--image", str(image), "--io-threads", "0"]))
+    try:
+        assert device.config.io_threads == 0
+    finally:
+        device.close()
+    default = blk_cli.make_device(parser.parse_args(["--image", str(image)]))
+    default.close()
+    assert default.config.io_threads == 2
+    with pytest.raises(ValueError, match="io-threads 65"):
+        blk_cli.make_device(parser.parse_args(["--image", str(image), "--io-threads", "65"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pvbus.devices.blk.device import BlkConfig, BlockDevice
+from pvbus.devices.blk.device import DEFAULT_IO_THREADS, BlkConfig, BlockDevice
 
 #: The backend program conventions' capabilities (vhost-user.rst).
 CAPABILITIES: dict[str, Any] = {"type": "block", "features": ["blk-file", "read-only"]}
@@ -22,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queue-size", type=int, default=1024, help="max queue size (default 1024)"
     )
     parser.add_argument("--serial", default="pvbus", help="GET_ID string, at most 20 bytes")
+    parser.add_argument(
+        "--io-threads",
+        type=int,
+        default=DEFAULT_IO_THREADS,
+        help="threads for reads and writes of 128 KiB or more, 0 to do all I/O in the event "
+        f"loop (default {DEFAULT_IO_THREADS})",
+    )
 
 
 def make_device(args: argparse.Namespace) -> BlockDevice:
@@ -34,5 +41,6 @@ def make_device(args: argparse.Namespace) -> BlockDevice:
         num_queues=args.num_queues,
         queue_size=args.queue_size,
         serial=args.serial,
+        io_threads=args.io_threads,
     )
     return BlockDevice(config)

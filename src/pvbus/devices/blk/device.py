@@ -16,8 +16,8 @@ import os
 import stat
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import SimpleQueue
 from time import perf_counter_ns
 
 from pvbus.devices.base import COMMON_FEATURES, LATENCY_BUCKETS, QueueStats, VirtioDevice
@@ -85,6 +85,10 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+#: I/O threads of a device unless configured otherwise.
+DEFAULT_IO_THREADS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class BlkConfig:
     """Validated configuration of one virtio-blk device."""
@@ -99,7 +103,7 @@ class BlkConfig:
     write_zeroes: bool = True
     #: Threads that carry out large reads and writes while the event loop goes on (0: none,
     #: everything is done inline).
-    io_threads: int = 2
+    io_threads: int = DEFAULT_IO_THREADS
 
     def __post_init__(self) -> None:
         if not 0 <= self.io_threads <= 64:
@@ -157,7 +161,10 @@ class BlockDevice(VirtioDevice):
         self.max_discard_sectors = (1 << 30) // SECTOR
         self.writeback = 1
         self._zeroes = bytes(1 << 16)
-        self._pool: ThreadPoolExecutor | None = None
+        # Plain threads fed through a SimpleQueue (no Futures: nothing waits on a request's
+        # result, so the executor's per-request bookkeeping would be pure overhead).
+        self._threads: list[threading.Thread] = []
+        self._jobs: SimpleQueue[tuple[int, int, _PlainIO] | None] = SimpleQueue()
         # Large requests complete on I/O threads: the lock guards each queue's used ring and
         # notification state against the event-loop thread; the condition signals when a
         # queue has no I/O left in flight (a queue stops, or the device resets, only then).
@@ -165,15 +172,18 @@ class BlockDevice(VirtioDevice):
         self._io_idle = threading.Condition(self._lock)
         self._io_pending = [0] * config.num_queues
         self._io_unsignalled = [0] * config.num_queues
+        self._io_threads = config.io_threads
         self._index = 0
         #: Counters of the queue being processed.
         self._stats = self.queue_stats[0]
 
     def close(self) -> None:
         """Stop the I/O threads and close the backing file."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -291,7 +301,7 @@ class BlockDevice(VirtioDevice):
                         append((chain.head, self._plain_done(io, got, stats)))
             finally:
                 if used:
-                    if self._pool is None:  # no I/O thread exists to race with
+                    if not self._threads:  # no I/O thread exists to race with
                         queue.add_used_many(mem, used)
                     else:
                         with self._lock:
@@ -307,7 +317,7 @@ class BlockDevice(VirtioDevice):
         # signal(), inlined. The decision is taken under the lock when I/O threads may
         # complete requests of the queue; the eventfd write (which may wake the driver and
         # preempt us) is not.
-        if self._pool is None:
+        if not self._threads:
             notify = queue.needs_notification(mem)
         else:
             with self._lock:
@@ -319,7 +329,7 @@ class BlockDevice(VirtioDevice):
         # The decision is taken under the lock when I/O threads may complete requests of the
         # queue; the eventfd write (which may wake the driver and preempt us) is not.
         queue = self.queues[index]
-        if self._pool is None:
+        if not self._threads:
             notify = queue.needs_notification(self.mem)
         else:
             with self._lock:
@@ -328,14 +338,23 @@ class BlockDevice(VirtioDevice):
             self.interrupt(index)
 
     def _offload(self, index: int, head: int, io: _PlainIO) -> None:
-        pool = self._pool
-        if pool is None:
-            pool = self._pool = ThreadPoolExecutor(
-                self.config.io_threads, thread_name_prefix="pvbus-blk-io"
-            )
+        if not self._threads:
+            for i in range(self.config.io_threads):
+                thread = threading.Thread(
+                    target=self._io_worker, name=f"pvbus-blk-io-{i}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
         with self._lock:
             self._io_pending[index] += 1
-        pool.submit(self._complete_offloaded, index, head, io)
+        self._jobs.put((index, head, io))
+
+    def _io_worker(self) -> None:
+        """An I/O thread: carry out offloaded requests until :meth:`close` sends ``None``."""
+        get = self._jobs.get
+        complete = self._complete_offloaded
+        while (job := get()) is not None:
+            complete(*job)
 
     def _complete_offloaded(self, index: int, head: int, io: _PlainIO) -> None:
         """On an I/O thread: do the copy, then publish the used entry and signal the driver."""
@@ -347,10 +366,12 @@ class BlockDevice(VirtioDevice):
                 mem = self.mem
                 queue.add_used(mem, head, self._plain_done(io, got, stats))
                 stats.requests += 1
-                # Coalesce: signal when the last request in flight completes, or after a few
-                # completions while more keep coming (never more than COALESCE_IO unsignalled).
+                # Coalesce, without starving the threads: signal once fewer requests of the
+                # queue are left in flight than there are threads (one has nothing queued, so
+                # the driver should refill now), or after COALESCE_IO completions while more
+                # keep coming. Signalling only at the last one drained the pipeline each time.
                 unsignalled = self._io_unsignalled[index] + 1
-                if self._io_pending[index] == 1 or unsignalled >= COALESCE_IO:
+                if self._io_pending[index] <= self._io_threads or unsignalled >= COALESCE_IO:
                     unsignalled = 0
                     # Under the lock: once the queue stops (_wait_io), its call fd may close.
                     if queue.needs_notification(mem):
@@ -360,7 +381,8 @@ class BlockDevice(VirtioDevice):
                 log.exception("completing request %d of queue %d", head, index)
             finally:
                 self._io_pending[index] -= 1
-                self._io_idle.notify_all()
+                if not self._io_pending[index]:
+                    self._io_idle.notify_all()
 
     def _wait_io(self, index: int | None = None) -> None:
         """Block until queue ``index`` (or every queue) has no offloaded I/O in flight."""
