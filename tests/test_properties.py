@@ -470,7 +470,9 @@ def run_stream(image: Path, chunks: list[tuple[bytes, list[int]]]) -> None:
             try:
                 reader.receive_data(data, fds)
                 while (msg := reader.next_message()) is not None:
-                    session.handle(msg)
+                    reply = session.handle(msg)
+                    for fd in reply.fds if reply is not None else ():
+                        os.close(fd)  # a reply's fds are the sender's to close once sent
             except ProtocolError as err:
                 if isinstance(err, RemoteProtocolError):
                     for fd in err.fds:

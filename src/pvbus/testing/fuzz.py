@@ -120,7 +120,9 @@ class MessageTarget:
                 fds = [os.dup(self.memfd) for _ in range(nfds)]
                 reader.receive_data(chunk, fds)
                 while (msg := reader.next_message()) is not None:
-                    session.handle(msg)
+                    reply = session.handle(msg)
+                    for fd in reply.fds if reply is not None else ():
+                        os.close(fd)  # a reply's fds are the sender's to close once sent
         except ProtocolError as err:
             if isinstance(err, RemoteProtocolError):
                 for fd in err.fds:

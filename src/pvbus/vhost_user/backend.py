@@ -136,7 +136,8 @@ class BackendSession:
         """Apply ``msg``; return the reply to send, if any.
 
         Raises :class:`RemoteProtocolError` for anything the spec does not allow; the caller
-        closes the connection. fds carried by ``msg`` are owned by the session from here on.
+        closes the connection. fds carried by ``msg`` are owned by the session from here on;
+        fds carried by the reply (GET_INFLIGHT_FD) are the caller's to close once sent.
         """
         handler = getattr(self, "_on_" + msg.request.name.lower(), None)
         if handler is None:
