@@ -169,6 +169,7 @@ class SoakReport:
     daemon_fds_end: int = 0
     # Where the CPU went during the run (percent of the machine), and how long backends waited
     # on a run queue (runnable, not running) per second: starvation by the scheduler shows here.
+    backend_cpu_seconds: float = 0.0
     cpu_backends_pct: float = 0.0
     cpu_frontends_pct: float = 0.0
     cpu_daemon_pct: float = 0.0
@@ -275,6 +276,7 @@ class _CpuAccount:
         d = {k: end[k] - self.start[k] for k in end}
         total = d["total"] or 1.0
         ours = d["backends"] + d["frontends"] + d["daemon"] + d["self"]
+        report.backend_cpu_seconds = round(d["backends"], 2)
         report.cpu_backends_pct = round(100 * d["backends"] / total, 1)
         report.cpu_frontends_pct = round(100 * d["frontends"] / total, 1)
         report.cpu_daemon_pct = round(100 * d["daemon"] / total, 1)
@@ -1213,7 +1215,9 @@ def format_report(r: SoakReport) -> str:
         f"fds per backend          connected {_spread(r.fds_start)} -> "
         f"{_spread(r.fds_end)}; idle {_spread(r.fds_idle_start)} -> {_spread(r.fds_idle_end)}",
     ]
+    per_req = r.backend_cpu_seconds / r.requests * 1e6 if r.requests else 0.0
     lines += [
+        f"backend CPU per request  {per_req:.0f} us",
         f"CPU (% of the machine)   backends {r.cpu_backends_pct}, frontends "
         f"{r.cpu_frontends_pct}, daemon {r.cpu_daemon_pct}, other processes "
         f"{r.cpu_other_pct}, steal {r.cpu_steal_pct}; load average "
