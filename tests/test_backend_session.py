@@ -555,6 +555,12 @@ def test_status_and_device_needs_reset(harness: Harness) -> None:
     assert h.status(status) == 0
     h.send(Request.SET_STATUS, U64(0))
     assert h.get_u64(Request.GET_STATUS) == 0
+    # The driver reset the device and sets the ring up again: it works.
+    drv0, _, _ = h.setup_ring(0)
+    status = h.blk_request(drv0, 0, 0, b"", 512)
+    h.device.process(0)
+    assert h.status(status) == 0
+    assert h.get_u64(Request.GET_STATUS) & DeviceStatus.DEVICE_NEEDS_RESET == 0
 
 
 def test_unsupported_requests_close_their_fds(harness: Harness) -> None:
