@@ -279,6 +279,10 @@ def test_worker_crash_is_an_error_event(daemon: Daemon, image: Path) -> None:
             blk.write(i * 4096, bytes([i]) * 4096)
         wait_for(lambda: c.stats("d1")["queues"][0]["requests"] == 4, "4 requests")
         wait_for(lambda: c.device("d1")["connected"], "the connection in the device's status")
+        wait_for(
+            lambda: any(e["type"] == "CONNECTED" for e in c.events() if e["device"] == "d1"),
+            "the CONNECTED event",
+        )
         os.kill(info["pid"], signal.SIGKILL)
         dead = wait_for(lambda: (d := c.device("d1"))["state"] == "failed" and d, "state failed")
     finally:

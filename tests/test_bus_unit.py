@@ -40,6 +40,7 @@ def test_blk_config_model_from_its_cli_options() -> None:
     assert blk.argv(config) == [
         "--image", "/x.img", "--read-only", "--num-queues", "1",
         "--queue-size", str(config.model_dump()["queue_size"]), "--serial", "pvbus",
+        "--io-threads", str(config.model_dump()["io_threads"]),
     ]  # fmt: skip
     assert blk.parse_args(blk.argv(config)).read_only is True
     with pytest.raises(pydantic.ValidationError, match="extra"):
