@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from pvbus.virtio.barrier import full_barrier
 from pvbus.virtio.constants import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -139,6 +140,7 @@ class DriverQueue:
         self._avail16[1] = self.avail_idx
         old, new = self.kicked_avail, self.avail_idx
         self.kicked_avail = new
+        full_barrier()  # the index above before the device's event or flags below (2.7.10)
         if self.event_idx:
             avail_event: int = _U16.unpack_from(self._used, 4 + 8 * self.size)[0]
             return vring_need_event(avail_event, new, old)
@@ -178,3 +180,5 @@ class DriverQueue:
             self._avail16[2 + self.size] = event  # used_event
         else:
             self._avail16[0] = 0 if enable else VIRTQ_AVAIL_F_NO_INTERRUPT
+        if enable:
+            full_barrier()  # before the caller looks at the used index again

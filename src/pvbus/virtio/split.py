@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 
+from pvbus.virtio.barrier import full_barrier
 from pvbus.virtio.constants import (
     MAX_QUEUE_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -319,6 +320,7 @@ class SplitQueue:
         """
         if mem is not self._mem:
             self._bind(mem)
+        full_barrier()  # the used index we published before the driver's event or flags
         new = self.next_used
         if not self.event_idx:
             flags: int = _u16_unpack(self._avail, 0)[0]
@@ -354,6 +356,7 @@ class SplitQueue:
                 used16[0] = flags | VIRTQ_USED_F_NO_NOTIFY
                 return False
             used16[0] = flags & ~VIRTQ_USED_F_NO_NOTIFY
+        full_barrier()  # the store above before the load below (2.7.10)
         n: int = (_u16_unpack(self._avail, 2)[0] - self.next_avail) & 0xFFFF  # pending(), inlined
         if n > size:
             raise QueueError(f"available index runs {n} ahead of a queue of {size}")
