@@ -380,3 +380,21 @@ def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
     assert r.returncode == 2
     assert "already listening" in r.stderr
     assert daemon.client.devices() == []
+
+
+def test_sigterm_while_starting_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM the moment the API socket appears (before uvicorn's handlers are in place)."""
+    for _ in range(3):
+        api = tmp_path / "api.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pvbus.cli.main", "daemon", "--api-socket", str(api)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not api.exists()

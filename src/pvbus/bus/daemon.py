@@ -92,7 +92,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises a caught SIGTERM once it has shut down, which would kill the process
-    before the API socket is removed; here a signal only asks the server to stop."""
+    before the API socket is removed; here a signal only asks the server to stop. A signal
+    that arrives while the daemon starts (the socket may already exist) is kept and acted on
+    once the server's handlers are in place."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.early_signals: list[int] = []
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -100,6 +106,8 @@ class _Server(uvicorn.Server):
         signals = (signal.SIGINT, signal.SIGTERM)
         for sig in signals:
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        if self.early_signals:
+            self.handle_exit(self.early_signals[0], None)
         try:
             yield
         finally:
@@ -111,7 +119,6 @@ def run_daemon(api_socket: Path, run_dir: Path | None = None) -> int:
     """Serve the API until SIGTERM/SIGINT; returns the exit status."""
     run_dir = run_dir or api_socket.parent
     app = create_app(run_dir)
-    sock = bind_api_socket(api_socket)
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -120,6 +127,9 @@ def run_daemon(api_socket: Path, run_dir: Path | None = None) -> int:
         access_log=False,
     )
     server = _Server(config)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: server.early_signals.append(signum))
+    sock = bind_api_socket(api_socket)
     log.info("pvbus daemon listening", extra={"api_socket": str(api_socket), "pid": os.getpid()})
     try:
         asyncio.run(server.serve(sockets=[sock]))
@@ -131,4 +141,4 @@ def run_daemon(api_socket: Path, run_dir: Path | None = None) -> int:
             with contextlib.suppress(OSError):
                 (run_dir / sub).rmdir()
         log.info("pvbus daemon stopped")
-    return 0 if server.started else 1
+    return 0 if server.started or server.early_signals else 1
