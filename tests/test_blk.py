@@ -14,10 +14,6 @@ from conftest import MakeBlk
 from pvbus.devices.blk import BlkConfig, BlockDevice
 from pvbus.devices.blk import cli as blk_cli
 from pvbus.devices.blk.device import (
-    F_DISCARD,
-    F_FLUSH,
-    F_RO,
-    F_WRITE_ZEROES,
     S_IOERR,
     S_OK,
     S_UNSUPP,
@@ -30,6 +26,7 @@ from pvbus.devices.blk.device import (
     open_image,
 )
 from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.virtio.blk import F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES
 from pvbus.virtio.constants import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,

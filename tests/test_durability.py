@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 
 from conftest import MakeBlk
-from pvbus.devices.blk.device import F_CONFIG_WCE, F_FLUSH, S_OK, T_FLUSH, T_OUT
+from pvbus.devices.blk.device import S_OK, T_FLUSH, T_OUT
+from pvbus.virtio.blk import F_CONFIG_WCE, F_FLUSH
 from test_blk import Blk, image_bytes
 
 

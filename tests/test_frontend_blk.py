@@ -29,11 +29,12 @@ from pvbus.frontend import (
     FrontendError,
     Status,
 )
-from pvbus.frontend.blk import DRIVER_FEATURES, F_FLUSH
+from pvbus.frontend.blk import DRIVER_FEATURES
 from pvbus.server import VhostUserServer
 from pvbus.testing import ServedDevice
 from pvbus.vhost_user.backend import BACKEND_PROTOCOL_FEATURES, BackendSession
 from pvbus.vhost_user.messages import ProtocolFeature, Request
+from pvbus.virtio.blk import F_FLUSH
 from pvbus.virtio.constants import F_EVENT_IDX, bit
 
 DISK = 4 << 20

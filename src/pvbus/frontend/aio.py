@@ -18,12 +18,12 @@ from typing import Any
 from pvbus.frontend._connection import FrontendError
 from pvbus.frontend._memory import GuestBuffer
 from pvbus.frontend.blk import (
-    F_FLUSH,
     BlockClient,
     BlockQueue,
     Completion,
     QueueFullError,
 )
+from pvbus.virtio.blk import F_FLUSH
 from pvbus.virtio.constants import bit
 
 

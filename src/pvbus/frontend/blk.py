@@ -29,21 +29,25 @@ from pvbus.frontend._connection import (
 )
 from pvbus.frontend._memory import GuestBuffer, MemfdMemory
 from pvbus.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
+from pvbus.virtio.blk import (
+    F_BLK_SIZE,
+    F_DISCARD,
+    F_FLUSH,
+    F_MQ,
+    F_RO,
+    F_SEG_MAX,
+    F_SIZE_MAX,
+    F_TOPOLOGY,
+    F_WRITE_ZEROES,
+    HEADER,
+    ID_BYTES,
+    SECTOR,
+    SEGMENT,
+    WRITE_ZEROES_UNMAP,
+    RequestType,
+    Status,
+)
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
-
-SECTOR = 512
-
-# Feature bits (section 5.2.3).
-F_SIZE_MAX = 1
-F_SEG_MAX = 2
-F_RO = 5
-F_BLK_SIZE = 6
-F_FLUSH = 9
-F_TOPOLOGY = 10
-F_CONFIG_WCE = 11
-F_MQ = 12
-F_DISCARD = 13
-F_WRITE_ZEROES = 14
 
 #: The device features this driver understands.
 DRIVER_FEATURES = (
@@ -60,34 +64,25 @@ DRIVER_FEATURES = (
     | bit(F_WRITE_ZEROES)
 )
 
-_HEADER = struct.Struct("<IIQ")
-_SEGMENT = struct.Struct("<QII")
+_HEADER = HEADER
+_SEGMENT = SEGMENT
 _CONFIG_SIZE = 60
 # One slot per request in flight: header (16 bytes), a discard/zeroes segment (16), status (1).
 _SLOT = 48
 _SEG_OFF = 16
 _STATUS_OFF = 32
-_WRITE_ZEROES_UNMAP = 1
-ID_BYTES = 20
+_WRITE_ZEROES_UNMAP = WRITE_ZEROES_UNMAP
 
 
 class Op(IntEnum):
-    """Request types (section 5.2.6)."""
+    """Request types (section 5.2.6), named from the driver's side."""
 
-    READ = 0
-    WRITE = 1
-    FLUSH = 4
-    GET_ID = 8
-    DISCARD = 11
-    WRITE_ZEROES = 13
-
-
-class Status(IntEnum):
-    """Request status values (section 5.2.6)."""
-
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
+    READ = RequestType.IN
+    WRITE = RequestType.OUT
+    FLUSH = RequestType.FLUSH
+    GET_ID = RequestType.GET_ID
+    DISCARD = RequestType.DISCARD
+    WRITE_ZEROES = RequestType.WRITE_ZEROES
 
 
 class BlockError(OSError):

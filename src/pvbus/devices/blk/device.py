@@ -21,6 +21,25 @@ from queue import SimpleQueue
 from time import perf_counter_ns
 
 from pvbus.devices.base import COMMON_FEATURES, LATENCY_BUCKETS, QueueStats, VirtioDevice
+from pvbus.virtio.blk import (
+    F_BLK_SIZE,
+    F_CONFIG_WCE,
+    F_DISCARD,
+    F_FLUSH,
+    F_MQ,
+    F_RO,
+    F_SEG_MAX,
+    F_SIZE_MAX,
+    F_TOPOLOGY,
+    F_WRITE_ZEROES,
+    HEADER,
+    ID_BYTES,
+    SECTOR,
+    SEGMENT,
+    WRITE_ZEROES_UNMAP,
+    RequestType,
+    Status,
+)
 from pvbus.virtio.constants import DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
@@ -28,40 +47,21 @@ from pvbus.virtio.split import Buffer, DescriptorChain
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
+# Plain ints for the hot path (IntEnum members cost an attribute lookup and a comparison).
+T_IN = int(RequestType.IN)
+T_OUT = int(RequestType.OUT)
+T_FLUSH = int(RequestType.FLUSH)
+T_GET_ID = int(RequestType.GET_ID)
+T_DISCARD = int(RequestType.DISCARD)
+T_WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
+S_OK = int(Status.OK)
+S_IOERR = int(Status.IOERR)
+S_UNSUPP = int(Status.UNSUPP)
 
-# Feature bits (section 5.2.3).
-F_SIZE_MAX = 1
-F_SEG_MAX = 2
-F_GEOMETRY = 4
-F_RO = 5
-F_BLK_SIZE = 6
-F_FLUSH = 9
-F_TOPOLOGY = 10
-F_CONFIG_WCE = 11
-F_MQ = 12
-F_DISCARD = 13
-F_WRITE_ZEROES = 14
-
-# Request types (section 5.2.6).
-T_IN = 0
-T_OUT = 1
-T_FLUSH = 4
-T_GET_ID = 8
-T_DISCARD = 11
-T_WRITE_ZEROES = 13
-
-# Status values.
-S_OK = 0
-S_IOERR = 1
-S_UNSUPP = 2
-
-ID_BYTES = 20
-_HEADER = struct.Struct("<IIQ")
+_HEADER = HEADER
 _header_unpack = _HEADER.unpack_from
-_SEGMENT = struct.Struct("<QII")  # discard / write-zeroes segment: sector, num_sectors, flags
+_SEGMENT = SEGMENT
 _CONFIG = struct.Struct("<QII4xIBBHIBxHIIIIIB3x")
-WRITE_ZEROES_UNMAP = 1
 #: Segments in one DISCARD or WRITE_ZEROES request (config max_discard_seg and
 #: max_write_zeroes_seg).
 MAX_DWZ_SEGMENTS = 1
