@@ -3,12 +3,15 @@
 Like DPDK's virtio-user or libblkio: :class:`VhostUserFrontend` is the device-agnostic
 connection (memfd guest memory, feature negotiation, config space, split virtqueues with kick
 and call eventfds) on the sans-IO :class:`pvbus.vhost_user.frontend.FrontendSession`;
-:class:`BlockClient` and :class:`AsyncBlockClient` are a virtio-blk driver on top. Other device
-clients build on :class:`VhostUserFrontend` the same way.
+:class:`BlockClient` and :class:`AsyncBlockClient` are a virtio-blk driver on top;
+:class:`NetClient`, :class:`RngClient`, :class:`ConsoleClient` and :class:`VsockClient` drive
+the other devices. Every client is a :class:`DeviceClient`: it owns its connection, closes it,
+and is a context manager.
 """
 
 from pvbus.frontend._connection import (
     BackendDisconnectedError,
+    DeviceClient,
     FrontendError,
     FrontendQueue,
     RequestFailedError,
@@ -26,6 +29,10 @@ from pvbus.frontend.blk import (
     QueueFullError,
     Status,
 )
+from pvbus.frontend.console import ConsoleClient
+from pvbus.frontend.net import NetClient
+from pvbus.frontend.rng import RngClient
+from pvbus.frontend.vsock import VsockClient
 
 __all__ = [
     "AsyncBlockClient",
@@ -35,14 +42,19 @@ __all__ = [
     "BlockError",
     "BlockQueue",
     "Completion",
+    "ConsoleClient",
+    "DeviceClient",
     "FrontendError",
     "FrontendQueue",
     "GuestBuffer",
     "MemfdMemory",
+    "NetClient",
     "Op",
     "OutOfGuestMemoryError",
     "QueueFullError",
     "RequestFailedError",
+    "RngClient",
     "Status",
     "VhostUserFrontend",
+    "VsockClient",
 ]

@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 from pvbus.frontend._memory import MemfdMemory
 from pvbus.vhost_user.errors import ProtocolError, RemoteProtocolError
@@ -378,8 +379,45 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+class DeviceClient:
+    """What every device client shares: it owns a :class:`VhostUserFrontend`, closes it, and
+    is a context manager. Subclasses take the connected frontend as their first argument."""
+
+    frontend: VhostUserFrontend
+
+    @classmethod
+    def _open(
+        cls,
+        path: str,
+        *,
+        connect_timeout: float | None,
+        protocol_features: int,
+        **options: Any,
+    ) -> Self:
+        """Connect to ``path`` and build the client; the connection is closed if that fails."""
+        frontend = VhostUserFrontend(
+            path, timeout=connect_timeout, protocol_features=protocol_features
+        )
+        try:
+            return cls(frontend, **options)  # type: ignore[call-arg]
+        except BaseException:
+            frontend.close()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect (the backend resets the device) and free guest memory."""
+        self.frontend.close()
+
+
 __all__ = [
     "BackendDisconnectedError",
+    "DeviceClient",
     "FrontendError",
     "FrontendQueue",
     "ProtocolError",

@@ -23,6 +23,7 @@ from enum import IntEnum
 from typing import Any
 
 from pvbus.frontend._connection import (
+    DeviceClient,
     FrontendError,
     FrontendQueue,
     VhostUserFrontend,
@@ -398,7 +399,7 @@ class BlockQueue:
         return done[0].check()
 
 
-class BlockClient:
+class BlockClient(DeviceClient):
     """A userspace virtio-blk driver on one vhost-user-blk backend socket."""
 
     def __init__(
@@ -445,28 +446,15 @@ class BlockClient:
         timeout: float | None = 10.0,
     ) -> BlockClient:
         """Connect to the backend listening at ``path`` and start ``num_queues`` queues."""
-        frontend = VhostUserFrontend(path, timeout=timeout, protocol_features=protocol_features)
-        try:
-            return cls(
-                frontend,
-                num_queues=num_queues,
-                queue_size=queue_size,
-                memory_size=memory_size,
-                driver_features=driver_features,
-            )
-        except BaseException:
-            frontend.close()
-            raise
-
-    def __enter__(self) -> BlockClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Disconnect (the backend resets the device) and free guest memory."""
-        self.frontend.close()
+        return cls._open(
+            path,
+            connect_timeout=timeout,
+            protocol_features=protocol_features,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            memory_size=memory_size,
+            driver_features=driver_features,
+        )
 
     # -- buffers ----------------------------------------------------------------------------
 

@@ -14,7 +14,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pvbus.frontend._connection import FrontendError, FrontendQueue, VhostUserFrontend
+from pvbus.frontend._connection import (
+    DeviceClient,
+    FrontendError,
+    FrontendQueue,
+    VhostUserFrontend,
+)
 from pvbus.frontend._memory import GuestBuffer, MemfdMemory
 from pvbus.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
@@ -94,7 +99,7 @@ class _Ring:
         self.queue.publish()
 
 
-class ConsoleClient:
+class ConsoleClient(DeviceClient):
     """A userspace virtio-console driver on one vhost-user backend socket."""
 
     def __init__(
@@ -147,27 +152,14 @@ class ConsoleClient:
         timeout: float = 5.0,
     ) -> ConsoleClient:
         """Connect to the backend listening at ``path`` and start the device."""
-        frontend = VhostUserFrontend(path, timeout=timeout, protocol_features=protocol_features)
-        try:
-            return cls(
-                frontend,
-                queue_size=queue_size,
-                driver_features=driver_features,
-                timeout=timeout,
-            )
-        except BaseException:
-            frontend.close()
-            raise
-
-    def __enter__(self) -> ConsoleClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Disconnect (the backend resets the device) and free guest memory."""
-        self.frontend.close()
+        return cls._open(
+            path,
+            connect_timeout=timeout,
+            protocol_features=protocol_features,
+            queue_size=queue_size,
+            driver_features=driver_features,
+            timeout=timeout,
+        )
 
     # -- control ----------------------------------------------------------------------------
 

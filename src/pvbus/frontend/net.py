@@ -16,7 +16,12 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pvbus.frontend._connection import FrontendError, FrontendQueue, VhostUserFrontend
+from pvbus.frontend._connection import (
+    DeviceClient,
+    FrontendError,
+    FrontendQueue,
+    VhostUserFrontend,
+)
 from pvbus.frontend._memory import GuestBuffer, MemfdMemory
 from pvbus.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
@@ -217,7 +222,7 @@ class NetQueuePair:
         return frames
 
 
-class NetClient:
+class NetClient(DeviceClient):
     """A userspace virtio-net driver on one vhost-user-net backend socket."""
 
     def __init__(
@@ -285,29 +290,16 @@ class NetClient:
         timeout: float | None = 10.0,
     ) -> NetClient:
         """Connect to the backend listening at ``path`` and start ``queue_pairs`` pairs."""
-        frontend = VhostUserFrontend(path, timeout=timeout, protocol_features=protocol_features)
-        try:
-            return cls(
-                frontend,
-                queue_pairs=queue_pairs,
-                queue_size=queue_size,
-                rx_buffer_size=rx_buffer_size,
-                tx_buffer_size=tx_buffer_size,
-                driver_features=driver_features,
-            )
-        except BaseException:
-            frontend.close()
-            raise
-
-    def __enter__(self) -> NetClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Disconnect (the backend resets the device) and free guest memory."""
-        self.frontend.close()
+        return cls._open(
+            path,
+            connect_timeout=timeout,
+            protocol_features=protocol_features,
+            queue_pairs=queue_pairs,
+            queue_size=queue_size,
+            rx_buffer_size=rx_buffer_size,
+            tx_buffer_size=tx_buffer_size,
+            driver_features=driver_features,
+        )
 
     @property
     def mac(self) -> bytes | None:

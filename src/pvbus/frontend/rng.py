@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from pvbus.frontend._connection import FrontendError, VhostUserFrontend
+from pvbus.frontend._connection import DeviceClient, FrontendError, VhostUserFrontend
 from pvbus.frontend._memory import MemfdMemory
 from pvbus.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
 from pvbus.virtio.constants import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
@@ -24,7 +24,7 @@ class RngClientError(FrontendError):
     """The device did not answer in time."""
 
 
-class RngClient:
+class RngClient(DeviceClient):
     """A userspace virtio-rng driver on one vhost-user backend socket."""
 
     def __init__(
@@ -58,22 +58,13 @@ class RngClient:
         timeout: float | None = 10.0,
     ) -> RngClient:
         """Connect to the backend listening at ``path`` and start its queue."""
-        frontend = VhostUserFrontend(path, timeout=timeout, protocol_features=protocol_features)
-        try:
-            return cls(frontend, queue_size=queue_size, buffer_size=buffer_size)
-        except BaseException:
-            frontend.close()
-            raise
-
-    def __enter__(self) -> RngClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Disconnect (the backend resets the device) and free guest memory."""
-        self.frontend.close()
+        return cls._open(
+            path,
+            connect_timeout=timeout,
+            protocol_features=protocol_features,
+            queue_size=queue_size,
+            buffer_size=buffer_size,
+        )
 
     def _wait_used(self, deadline: float) -> list[tuple[int, int]]:
         ring = self.queue.ring

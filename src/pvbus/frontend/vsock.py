@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pvbus.frontend._connection import FrontendError, VhostUserFrontend
+from pvbus.frontend._connection import DeviceClient, FrontendError, VhostUserFrontend
 from pvbus.frontend._memory import MemfdMemory
 from pvbus.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
@@ -57,7 +57,7 @@ class GuestStream:
         return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & 0xFFFFFFFF))
 
 
-class VsockClient:
+class VsockClient(DeviceClient):
     """A userspace virtio-vsock driver on one vhost-user backend socket."""
 
     def __init__(
@@ -105,22 +105,14 @@ class VsockClient:
         timeout: float = 5.0,
     ) -> VsockClient:
         """Connect to the vhost-user backend listening at ``path`` and start the device."""
-        frontend = VhostUserFrontend(path, timeout=timeout, protocol_features=protocol_features)
-        try:
-            return cls(frontend, queue_size=queue_size, buf_alloc=buf_alloc, timeout=timeout)
-        except BaseException:
-            frontend.close()
-            raise
-
-    def __enter__(self) -> VsockClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Disconnect (the backend resets the device and closes its host sockets)."""
-        self.frontend.close()
+        return cls._open(
+            path,
+            connect_timeout=timeout,
+            protocol_features=protocol_features,
+            queue_size=queue_size,
+            buf_alloc=buf_alloc,
+            timeout=timeout,
+        )
 
     # -- rings ------------------------------------------------------------------------------
 
