@@ -220,3 +220,36 @@ def _cmd(pid: str) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_adopted_qemu_gets_a_hot_plugged_disk(daemon: Daemon, tmp_path: Path) -> None:
+    """A QEMU started elsewhere (the runner, with a free root port) is adopted by its QMP
+    socket; a bus disk is hot-plugged into it and the guest reads the image's bytes; when that
+    QEMU exits the bus lets go of it and the device."""
+    from pvbus.vm import VmConfig
+    from pvbus.vm.runner import Vm, command_script
+
+    c = daemon.client
+    img = make_image(tmp_path / "a.img", 1 << 20)
+    c.add_device("blk", {"image": str(img), "serial": "adopted"}, "a")
+    script = (
+        "i=0; while [ ! -e /sys/block/vda ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done;"
+        " echo serial $(cat /sys/block/vda/serial);"
+        " echo md5 $(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | md5sum)"
+    )
+    config = VmConfig(accel="tcg", extra_args=("-device", "pcie-root-port,id=ext-rp0,chassis=9"))
+    vm = Vm(config, command_script([script]), workdir=tmp_path / "ext")
+    (tmp_path / "ext").mkdir()
+    with vm:
+        wait_for(vm.qmp_socket.exists, "QEMU's QMP socket")
+        adopted = c.start_vm(id="ext", qmp_socket=str(vm.qmp_socket))
+        assert adopted["machine"] == "q35"
+        assert c.attach("a", "ext")["bus"] == "ext-rp0"
+        result = vm.wait(timeout=300)
+    out = result.output.decode()
+    assert "serial adopted" in out, out
+    assert f"md5 {hashlib.md5(img.read_bytes()).hexdigest()}" in out, out
+    # QEMU powered off: the bus notices, drops the device and forgets nothing else.
+    wait_for(lambda: c.device("a")["vm"] is None, "the device released")
+    kinds = [e["type"] for e in c.events() if e.get("vm") == "ext" or e["device"] == "a"]
+    assert "DEVADD" in kinds and "DEVDROP" in kinds
