@@ -40,6 +40,7 @@ from pvbus.virtio.blk import (
     RequestType,
     Status,
 )
+from pvbus.virtio.buffers import gather, skip
 from pvbus.virtio.constants import DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
@@ -493,11 +494,11 @@ class BlockDevice(VirtioDevice):
             rtype, _, sector = _HEADER.unpack_from(mem.translate(*readable[0]))
             data_in = readable[1:]
         else:
-            head = _gather(readable, _HEADER.size, mem)
+            head = gather(readable, _HEADER.size, mem)
             if head is None:
                 return S_IOERR, 0
             rtype, _, sector = _HEADER.unpack(head)
-            data_in = _skip(readable, _HEADER.size)
+            data_in = skip(readable, _HEADER.size)
         if rtype == T_IN:
             return self._read(sector, writable, mem)
         if rtype == T_OUT:
@@ -575,7 +576,7 @@ class BlockDevice(VirtioDevice):
         length = sum(n for _, n in bufs)
         if length != _SEGMENT.size * MAX_DWZ_SEGMENTS:
             return S_IOERR
-        data = _gather(bufs, length, mem)
+        data = gather(bufs, length, mem)
         if data is None:
             return S_IOERR
         for sector, count, flags in _SEGMENT.iter_unpack(data):
@@ -634,26 +635,3 @@ def _plain_call(fd: int, io: _PlainIO) -> int:
         return os.pwritev(fd, views, offset) if is_write else os.preadv(fd, views, offset)
     except OSError:
         return -1
-
-
-def _gather(bufs: list[Buffer], length: int, mem: GuestMemory) -> bytes | None:
-    """The first ``length`` bytes of ``bufs`` (None if they hold fewer)."""
-    out = bytearray()
-    for addr, n in bufs:
-        take = min(n, length - len(out))
-        out += mem.translate(addr, take)
-        if len(out) == length:
-            return bytes(out)
-    return None
-
-
-def _skip(bufs: list[Buffer], length: int) -> list[Buffer]:
-    """``bufs`` without their first ``length`` bytes."""
-    out: list[Buffer] = []
-    for addr, n in bufs:
-        if length >= n:
-            length -= n
-            continue
-        out.append((addr + length, n - length))
-        length = 0
-    return out

@@ -41,10 +41,11 @@ from pvbus.devices.net.frames import (
     format_mac,
     random_mac,
 )
+from pvbus.virtio.buffers import gather, skip
 from pvbus.virtio.constants import F_VERSION_1, DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
-from pvbus.virtio.split import Buffer, DescriptorChain, SplitQueue
+from pvbus.virtio.split import DescriptorChain, SplitQueue
 
 __all__ = [
     "CTRL_ERR",
@@ -332,13 +333,13 @@ class NetDevice(VirtioDevice):
                 parts = [mem.translate(first_addr + hdr_len, first_len - hdr_len)]
                 parts += [mem.translate(a, n) for a, n in readable[1:]]
             else:
-                head_bytes = _gather(readable, hdr_len, mem)
+                head_bytes = gather(readable, hdr_len, mem)
                 if head_bytes is None:
                     stats.tx_errors += 1
                     self._warn("tx-short", f"transmit chain {chain.head} is shorter than a header")
                     return
                 header = memoryview(head_bytes)
-                parts = [mem.translate(a, n) for a, n in _skip(readable, hdr_len)]
+                parts = [mem.translate(a, n) for a, n in skip(readable, hdr_len)]
         except GuestMemoryError as err:
             stats.tx_errors += 1
             self._warn("tx-memory", f"transmit chain {chain.head}: {err}")
@@ -560,7 +561,7 @@ class NetDevice(VirtioDevice):
             except GuestMemoryError as err:
                 raise QueueError(f"control request {chain.head}: ack byte: {err}") from err
             try:
-                request = _gather(chain.readable, chain.readable_len, mem) or b""
+                request = gather(chain.readable, chain.readable_len, mem) or b""
             except GuestMemoryError:
                 request = b""
             ack = self.control(request)
@@ -680,26 +681,3 @@ def _flow_key(frame: bytes) -> bytes:
     else:
         a, b = frame[0:6], frame[6:12]
     return a + b if a <= b else b + a
-
-
-def _gather(bufs: list[Buffer], length: int, mem: GuestMemory) -> bytes | None:
-    """The first ``length`` bytes of ``bufs`` (None if they hold fewer)."""
-    out = bytearray()
-    for addr, n in bufs:
-        take = min(n, length - len(out))
-        out += mem.translate(addr, take)
-        if len(out) == length:
-            return bytes(out)
-    return bytes(out) if len(out) == length else None
-
-
-def _skip(bufs: list[Buffer], length: int) -> list[Buffer]:
-    """``bufs`` without their first ``length`` bytes."""
-    out: list[Buffer] = []
-    for addr, n in bufs:
-        if length >= n:
-            length -= n
-            continue
-        out.append((addr + length, n - length))
-        length = 0
-    return out
