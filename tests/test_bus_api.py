@@ -220,10 +220,11 @@ def test_stats_count_what_a_frontend_did(daemon: Daemon, image: Path) -> None:
 
 
 def test_coalescing_holds_interrupts_back(daemon: Daemon, image: Path) -> None:
-    """A batch of 8 and a delay longer than the test: 32 requests, exactly 4 interrupts.
+    """A batch of 8 and a 1 s delay: 32 requests, exactly 4 interrupts.
 
-    The client polls the used ring instead of waiting for interrupts, so it asks for an
-    interrupt at every completion (used_event) and no timing decides the outcome.
+    The client polls the used ring instead of waiting for interrupts and re-arms used_event
+    after each reap, so nearly every completion asks for an interrupt; the policy sends one
+    per 8 completed requests and the timer sends what is left, 4 in all however they fall.
     """
     info = daemon.client.add_device(
         "blk",
@@ -240,13 +241,21 @@ def test_coalescing_holds_interrupts_back(daemon: Daemon, image: Path) -> None:
             deadline = time.monotonic() + 10
             while not queue.reap():
                 assert time.monotonic() < deadline, f"request {i} did not complete"
+        # A snapshot may fall between counting a batch's requests and sending its interrupt:
+        # wait for the fourth interrupt, not just the 32nd completion.
         q = wait_for(
-            lambda: (s := daemon.client.stats("d1")["queues"][0])["requests"] == 32 and s,
-            "32 requests",
+            lambda: (
+                (s := daemon.client.stats("d1")["queues"][0])["requests"] == 32
+                and s["calls"] == 4
+                and s
+            ),
+            "32 requests and 4 interrupts",
         )
-    # One interrupt per 8 completions; the other 28 were held back.
-    assert q["calls"] == 4
-    assert q["coalesced"] == 28
+    # Most asks were held back. Not every completion asks: one can beat the client re-arming
+    # used_event after its previous reap, and event_idx then suppresses it (2.7.10).
+    assert 16 <= q["coalesced"] <= 28
+    time.sleep(0.2)
+    assert daemon.client.stats("d1")["queues"][0]["calls"] == 4  # and no more follow
 
 
 def test_event_stream_delivers_new_events(daemon: Daemon, image: Path) -> None:
