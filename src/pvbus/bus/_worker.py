@@ -25,9 +25,6 @@ from pvbus.server import EventLoop, VhostUserServer, listen_unix
 
 log = logging.getLogger("pvbus.worker")
 
-#: The longest an idle worker waits before it looks at its counters again (s).
-IDLE_INTERVAL = 0.5
-
 __all__ = ["Coalescer", "main", "worker_argv"]
 
 
@@ -102,8 +99,6 @@ class _Publisher:
         self.device = device
         self.server = server
         self.loop = loop
-        self.interval = PUBLISH_INTERVAL
-        self._last: tuple[int, ...] = ()
 
     def publish(self) -> None:
         session = self.server.session
@@ -120,25 +115,8 @@ class _Publisher:
         )
 
     def tick(self) -> None:
-        """Publish, then again after :data:`PUBLISH_INTERVAL` while anything changes.
-
-        An idle worker backs off, doubling the interval up to :data:`IDLE_INTERVAL`: a fixed
-        20 ms clock cost ~5 ms of CPU per second per idle worker here (a third of a core for 64
-        devices). Nothing is added to the request path.
-        """
         self.publish()
-        session = self.server.session
-        now = (
-            self.server.connections,
-            session.status if session is not None else -1,
-            int(session.needs_reset) if session is not None else 0,
-            *(q.kicks + q.requests + q.calls + q.errors for q in self.device.queue_stats),
-            *((q.next_avail - q.next_used) & 0xFFFF for q in self.device.queues),
-        )
-        busy = now != self._last or bool(self.loop.pollers)
-        self._last = now
-        self.interval = PUBLISH_INTERVAL if busy else min(2 * self.interval, IDLE_INTERVAL)
-        self.loop.call_later(self.interval, self.tick)
+        self.loop.call_later(PUBLISH_INTERVAL, self.tick)
 
 
 def _parser() -> argparse.ArgumentParser:
