@@ -3,6 +3,8 @@
 * Two guests, one over PCI and one over virtio-mmio, on one ``pvbus switch``: they ping each
   other and copy 32 MiB with busybox nc; the checksums match.
 * A guest pings the host over a tap in a network namespace the test creates.
+* A guest reaches a host TCP service through passt (``pvbus serve net --stream``), which maps
+  its gateway address to the host's loopback.
 
 Link-local addresses only (169.254/16).
 """
@@ -13,8 +15,10 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -197,3 +201,64 @@ def test_guest_pings_host_over_tap(guest: GuestImage, tmp_path: Path, netns: str
     assert result.status == 0, result.output
     assert b"3 packets received" in result.output
     assert mac in neigh  # the host learnt the guest's MAC from its frames
+
+
+def test_guest_reaches_host_service_through_passt(guest: GuestImage, tmp_path: Path) -> None:
+    if shutil.which("passt") is None:
+        pytest.skip("passt not installed")
+    # The service: one connection on the host's loopback, answered and recorded.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    got: list[bytes] = []
+
+    def serve() -> None:
+        with server:
+            server.settimeout(200)
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"hello-from-host\n")
+                conn.settimeout(30)
+                got.append(conn.recv(100))
+
+    threading.Thread(target=serve, daemon=True).start()
+    # passt drops root for nobody before it binds: its socket goes in a directory nobody can
+    # reach and write (pytest's tmp_path is private to root).
+    rundir = Path(tempfile.mkdtemp(prefix="pvbus-passt-"))
+    rundir.chmod(0o777)
+    passt_sock = rundir / "passt.sock"
+    try:
+        with processes() as procs:
+            procs.append(
+                subprocess.Popen(
+                    ["passt", "--foreground", "--quiet", "--socket", str(passt_sock),
+                     "--address", "169.254.10.2", "--netmask", "16", "--gateway", "169.254.10.1"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+            wait_for(passt_sock, procs[-1])
+            sock = tmp_path / "net.sock"
+            mac = "52:54:00:0a:00:02"
+            procs.append(
+                pvbus("serve", "net", "--socket-path", str(sock), "--stream", str(passt_sock),
+                      "--mac", mac)
+            )  # fmt: skip
+            wait_for(sock, procs[-1])
+            script = UP.format(ip="169.254.10.2") + (
+                f"i=0; until echo hi-from-guest | nc 169.254.10.1 {port} > /tmp/reply; do "
+                "i=$((i+1)); [ $i -gt 30 ] && exit 5; sleep 1; done; cat /tmp/reply"
+            )
+            vm = Vm(
+                VmConfig(accel="tcg", extra_args=qemu_net_args("pci", sock, mac)),
+                script,
+                guest=guest,
+            )
+            try:
+                (result,) = run_vms([vm], timeout=180)
+            finally:
+                vm.stop()
+            assert procs[0].poll() is None, "passt exited"
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+    assert result.status == 0, result.output
+    assert b"hello-from-host" in result.output
+    assert got == [b"hi-from-guest\n"]
