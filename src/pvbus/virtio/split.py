@@ -71,6 +71,14 @@ class DescriptorChain:
         return sum(n for _, n in self.writable)
 
 
+Popped = tuple[int, int, int, DescriptorChain | None]
+"""One entry of :meth:`SplitQueue.pop_burst`: (head, address, length, chain).
+
+``chain`` is ``None`` when the chain is the one buffer (address, length); otherwise the
+address and length are 0 and ``chain`` holds its buffers.
+"""
+
+
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """Whether moving an index from ``old_idx`` to ``new_idx`` passes ``event_idx`` (2.7.10)."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
@@ -224,6 +232,63 @@ class SplitQueue:
         if self.inflight is not None:
             self.inflight.begin(head)
         return chain
+
+    def pop_burst(self, mem: GuestMemory, limit: int, *, write: bool = False) -> list[Popped]:
+        """Take up to ``limit`` available chains, reading the available index once.
+
+        Each entry is ``(head, addr, length, chain)``. A chain that is one descriptor of the
+        direction asked for (device-readable, or device-writable with ``write``), neither
+        chained nor indirect, comes as its one buffer with ``chain`` ``None``: no
+        :class:`DescriptorChain` is built for it. Every other chain is walked as :meth:`pop`
+        walks it and comes as ``(head, 0, 0, chain)``.
+
+        Errors keep :meth:`pop` 's order: a chain that cannot be walked ends the burst and
+        stays available, so the caller handles the chains before it, and the next call raises
+        its :class:`QueueError` (sections 2.7.5.3.2, 2.7.13). An empty list means the ring is
+        empty.
+        """
+        if mem is not self._mem:
+            self._bind(mem)
+        if self._resubmit:
+            chain = self.pop(mem)  # after a backend restart only: one at a time
+            return [] if chain is None else [(chain.head, 0, 0, chain)]
+        avail = self._avail
+        nxt = self.next_avail
+        n = (_u16_unpack(avail, 2)[0] - nxt) & 0xFFFF
+        if n == 0:
+            return []
+        size = self.size
+        if n > size:
+            raise QueueError(f"available index runs {n} ahead of a queue of {size}")
+        table = self._desc
+        want = VIRTQ_DESC_F_WRITE if write else 0
+        inflight = self.inflight
+        out: list[Popped] = []
+        append = out.append
+        for _ in range(n if n < limit else limit):
+            head: int = _u16_unpack(avail, 4 + 2 * (nxt % size))[0]
+            if head < size:
+                addr, length, flags, _ = _desc_unpack(table, 16 * head)
+                if flags == want:
+                    append((head, addr, length, None))
+                    nxt = (nxt + 1) & 0xFFFF
+                    if inflight is not None:
+                        inflight.begin(head)
+                    continue
+            if out:
+                try:
+                    chain = self.walk(mem, head)
+                except QueueError:
+                    break  # the next call raises it, once the chains before it are handled
+            else:
+                self.next_avail = (nxt + 1) & 0xFFFF  # as pop() leaves it when walk() raises
+                chain = self.walk(mem, head)
+            append((head, 0, 0, chain))
+            nxt = (nxt + 1) & 0xFFFF
+            if inflight is not None:
+                inflight.begin(head)
+        self.next_avail = nxt
+        return out
 
     def walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         """Walk the chain that starts at descriptor ``head`` (sections 2.7.5, 2.7.5.3)."""
