@@ -23,7 +23,7 @@ from pvbus.devices.net.device import (
     F_MRG_RXBUF,
     F_STATUS,
 )
-from pvbus.devices.net.frames import HDR_LEN, NET_HDR, format_mac, parse_mac
+from pvbus.devices.net.frames import HDR_LEN, MAX_FRAME, NET_HDR, format_mac, parse_mac
 from pvbus.testing import FakeGuest, MockDriverQueue
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
 from pvbus.virtio.errors import QueueError
@@ -473,3 +473,143 @@ def test_backend_gone_means_link_down(rig: Rig) -> None:
     assert struct.unpack_from("<6sH", rig.dev.read_config())[1] == 0
     rig.transmit(frame(PEER, MAC, b"x" * 50))
     assert rig.dev.stats.tx_dropped == 1
+
+
+# -- the transmit burst and its fast path --------------------------------------------------
+
+
+def test_transmit_burst_publishes_used_once_per_burst() -> None:
+    rig = Rig(NetConfig(mac=MAC), queue_size=128)
+    try:
+        counting = CountingQueue(rig.dev.queues[1])
+        rig.dev.queues[1] = counting
+        frames = [frame(PEER, MAC, i.to_bytes(2, "big") * 30) for i in range(100)]
+        for f in frames:
+            rig.q[1].send([bytes(HDR_LEN) + f], publish=False)  # one buffer: the fast path
+        rig.q[1].publish()
+        rig.dev.process(1)
+        assert rig.peer_frames() == frames
+        assert counting.publishes == [64, 36]
+        used = rig.q[1].receive()
+        assert len(used) == 100 and all(length == 0 for _, length, _ in used)
+        assert rig.interrupts == [1]
+        assert rig.dev.stats.tx_frames == 100
+        assert rig.dev.stats.tx_bytes == sum(len(f) for f in frames)
+    finally:
+        rig.close()
+
+
+def test_malformed_frames_in_a_fast_path_burst_are_counted_and_completed(rig: Rig) -> None:
+    good = [frame(PEER, MAC, bytes([i]) * 50) for i in range(6)]
+    bad_chains: list[tuple[list[bytes], list[int]]] = [
+        ([bytes(HDR_LEN - 1)], []),  # one buffer shorter than a header
+        ([bytes(HDR_LEN) + b"short"], []),  # frame shorter than an Ethernet header
+        ([b"\x01" + bytes(HDR_LEN - 1) + good[0]], []),  # NEEDS_CSUM
+        ([b"\x00\x04" + bytes(HDR_LEN - 2) + good[0]], []),  # GSO_TCPV6
+        ([], [HDR_LEN + 60]),  # one device-writable buffer on a transmit queue
+    ]
+    for g, (readable, writable) in zip(good, bad_chains, strict=False):
+        rig.q[1].send([bytes(HDR_LEN) + g], publish=False)
+        rig.q[1].send(readable, writable, publish=False)
+    rig.q[1].add([(0xDEAD0000, 100)], [])  # one buffer outside guest memory
+    rig.q[1].send([bytes(HDR_LEN) + good[5]], publish=False)
+    rig.q[1].publish()
+    rig.dev.process(1)
+    assert rig.peer_frames() == good
+    used = rig.q[1].get_used()
+    assert len(used) == 12 and all(length == 0 for _, length in used)
+    stats = rig.dev.stats
+    assert (stats.tx_frames, stats.tx_errors, stats.tx_dropped) == (6, 6, 0)
+
+
+def test_too_big_frame_in_one_buffer_is_a_tx_error(rig: Rig) -> None:
+    huge = frame(PEER, MAC, bytes(MAX_FRAME - 14 + 1))  # one byte over
+    rig.q[1].send([bytes(HDR_LEN) + huge])
+    rig.transmit(frame(PEER, MAC, b"ok" * 30))
+    assert len(rig.peer_frames()) == 1
+    assert rig.dev.stats.tx_errors == 1 and rig.dev.stats.tx_frames == 1
+
+
+def test_broken_chain_mid_burst_comes_after_the_chains_before_it(rig: Rig) -> None:
+    q = rig.q[1]
+    before = [frame(PEER, MAC, bytes([i]) * 40) for i in range(3)]
+    for f in before:
+        q.send([bytes(HDR_LEN) + f], publish=False)
+    q.write_desc(60, rig.guest.put(bytes(64)), 64, 1, 60)  # NEXT to itself: a loop
+    q.push_avail(60)
+    q.send([bytes(HDR_LEN) + frame(PEER, MAC, b"after" * 10)], publish=False)
+    q.publish()
+    with pytest.raises(QueueError, match="loop"):
+        rig.dev.process(1)
+    # The chains before the broken one were sent and returned before the error.
+    assert rig.peer_frames() == before
+    assert len(q.get_used()) == 3
+    assert rig.dev.queues[1].next_avail == 4  # the broken chain is taken, as pop() takes it
+
+
+def test_backend_gone_mid_burst_drops_the_rest(rig: Rig) -> None:
+    rig.peer.close()
+    for i in range(3):
+        rig.q[1].send([bytes(HDR_LEN) + frame(PEER, MAC, bytes([i]) * 50)], publish=False)
+    rig.q[1].publish()
+    rig.dev.process(1)
+    assert rig.dev.backend is None
+    assert rig.dev.stats.tx_dropped == 3 and rig.dev.stats.tx_frames == 0
+    assert len(rig.q[1].get_used()) == 3
+
+
+def test_legacy_header_fast_path() -> None:
+    config = NetConfig(mac=MAC, mrg_rxbuf=False)
+    features = NetDevice(config).device_features() & ~bit(F_VERSION_1) & ~bit(F_MRG_RXBUF)
+    rig = Rig(config, features)
+    try:
+        f = frame(PEER, MAC, b"l" * 46)
+        rig.q[1].send([bytes(10) + f], publish=False)
+        rig.q[1].send([b"\x01" + bytes(9) + f], publish=False)  # NEEDS_CSUM
+        rig.q[1].publish()
+        rig.dev.process(1)
+        assert rig.peer_frames() == [f]
+        assert rig.dev.stats.tx_errors == 1 and rig.dev.stats.tx_bytes == len(f)
+    finally:
+        rig.close()
+
+
+def test_pop_burst_entries() -> None:
+    guest = FakeGuest()
+    mq = MockDriverQueue(guest, 16)
+    queue = mq.device_queue
+    mem = guest.mem
+    assert queue.pop_burst(mem, 8) == []
+    one = mq.send([b"a" * 20], publish=False)
+    two = mq.send([b"b" * 4, b"c" * 6], publish=False)
+    ind = mq.send([b"d" * 8], indirect=True, publish=False)
+    wr = mq.send([], [32], publish=False)
+    mq.publish()
+    burst = queue.pop_burst(mem, 3)
+    assert [entry[0] for entry in burst] == [one, two, ind]
+    head, addr, length, chain = burst[0]
+    assert chain is None and length == 20 and guest.read(addr, length) == b"a" * 20
+    assert burst[1][1:3] == (0, 0) and burst[1][3] is not None
+    assert [n for _, n in burst[1][3].readable] == [4, 6]
+    assert burst[2][3] is not None and burst[2][3].readable_len == 8  # indirect: walked
+    ((head, _, length, chain),) = queue.pop_burst(mem, 8)
+    assert head == wr and chain is not None and chain.writable_len == 32  # not asked for
+    assert queue.pop_burst(mem, 8) == []
+    wr2 = mq.send([], [48])
+    ((head, _, length, chain),) = queue.pop_burst(mem, 8, write=True)
+    assert (head, length, chain) == (wr2, 48, None)
+
+
+def test_pop_burst_raises_like_pop_when_the_first_chain_is_broken() -> None:
+    guest = FakeGuest()
+    mq = MockDriverQueue(guest, 16)
+    queue = mq.device_queue
+    mq.push_avail(16)  # head outside the queue
+    mq.publish()
+    with pytest.raises(QueueError, match="outside"):
+        queue.pop_burst(guest.mem, 8)
+    assert queue.next_avail == 1
+    mq.avail_idx = 40
+    mq.publish()
+    with pytest.raises(QueueError, match="ahead"):
+        queue.pop_burst(guest.mem, 8)
