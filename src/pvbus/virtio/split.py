@@ -261,12 +261,14 @@ class SplitQueue:
         if n > size:
             raise QueueError(f"available index runs {n} ahead of a queue of {size}")
         table = self._desc
+        ring = avail.cast("H")  # one view per burst: an index is cheaper than an unpack
+        mask = size - 1
         want = VIRTQ_DESC_F_WRITE if write else 0
         inflight = self.inflight
         out: list[Popped] = []
         append = out.append
         for _ in range(n if n < limit else limit):
-            head: int = _u16_unpack(avail, 4 + 2 * (nxt % size))[0]
+            head: int = ring[2 + (nxt & mask)]
             if head < size:
                 addr, length, flags, _ = _desc_unpack(table, 16 * head)
                 if flags == want:
