@@ -12,7 +12,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pvbus.devices.net import CTRL_ERR, CTRL_OK, NetConfig, NetDevice, SeqpacketBackend
+from pvbus.devices.net import (
+    CTRL_ERR,
+    CTRL_OK,
+    LoopbackBackend,
+    NetBackend,
+    NetConfig,
+    NetDevice,
+    SeqpacketBackend,
+)
 from pvbus.devices.net.device import (
     F_CTRL_MAC_ADDR,
     F_CTRL_RX,
@@ -89,11 +97,12 @@ class Rig:
         *,
         event_idx: bool = False,
         queue_size: int = 64,
+        backend: NetBackend | None = None,
     ) -> None:
         self.guest = FakeGuest(4 << 20)
         self.peer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.peer.setblocking(False)
-        self.dev = NetDevice(config, SeqpacketBackend(theirs))
+        self.dev = NetDevice(config, SeqpacketBackend(theirs) if backend is None else backend)
         self.dev.mem = self.guest.mem
         self.reactor = Reactor()
         self.dev.reactor = self.reactor
@@ -613,3 +622,43 @@ def test_pop_burst_raises_like_pop_when_the_first_chain_is_broken() -> None:
     mq.publish()
     with pytest.raises(QueueError, match="ahead"):
         queue.pop_burst(guest.mem, 8)
+
+
+def test_loopback_takes_a_burst_in_ring_order_and_drops_what_does_not_fit() -> None:
+    rig = Rig(NetConfig(mac=MAC), backend=LoopbackBackend(limit=5), queue_size=128)
+    try:
+        sent = [frame(MAC, PEER, bytes([i]) * 50) for i in range(7)]
+        q = rig.q[1]
+        q.send([bytes(HDR_LEN) + sent[0]], publish=False)
+        q.send([bytes(HDR_LEN) + sent[1]], publish=False)
+        q.send([bytes(HDR_LEN), sent[2]], publish=False)  # two buffers: not the fast path
+        q.send([b"\x01" + bytes(HDR_LEN - 1) + sent[0]], publish=False)  # NEEDS_CSUM
+        for f in sent[3:]:
+            q.send([bytes(HDR_LEN) + f], publish=False)
+        q.publish()
+        rig.dev.process(1)
+        assert len(q.get_used()) == 8
+        stats = rig.dev.stats
+        assert (stats.tx_frames, stats.tx_dropped, stats.tx_errors) == (5, 2, 1)
+        assert stats.tx_bytes == sum(len(f) for f in sent[:5])
+        rig.post_rx([2048] * 8)
+        rig.reactor.fire()
+        assert [f for _, f in rig.received()] == sent[:5]
+    finally:
+        rig.close()
+
+
+def test_loopback_send_burst() -> None:
+    backend = LoopbackBackend(limit=3)
+    try:
+        assert backend.send_burst([]) == 0
+        assert backend.send_burst([b"a" * 20, memoryview(b"b" * 30)]) == 2
+        assert backend.send_burst([b"c" * 40, b"d" * 50]) == 1
+        assert backend.send_burst([b"e" * 60]) == 0
+        buf = memoryview(bytearray(100))
+        got = []
+        while n := backend.recv_into(buf):
+            got.append(bytes(buf[:n]))
+        assert got == [b"a" * 20, b"b" * 30, b"c" * 40]
+    finally:
+        backend.close()

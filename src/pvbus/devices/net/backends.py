@@ -11,6 +11,9 @@ device watches with its reactor:
   preceded by its length as a 4-byte big-endian integer (what passt speaks).
 * :class:`LoopbackBackend`: every transmitted frame comes back on receive (benchmarks).
 
+A backend may also offer ``send_burst`` (:class:`BurstBackend`), which the device prefers for
+frames that need no gathering; :class:`LoopbackBackend` does.
+
 Sending never blocks the event loop: a frame the peer has no room for is dropped, as a NIC with
 a full transmit queue would (:meth:`NetBackend.send` returns ``False``).
 """
@@ -32,6 +35,7 @@ from pvbus.devices.net.frames import MAX_FRAME
 
 __all__ = [
     "BackendClosedError",
+    "BurstBackend",
     "LoopbackBackend",
     "NetBackend",
     "SeqpacketBackend",
@@ -75,6 +79,22 @@ class NetBackend(Protocol):
 
     def close(self) -> None:
         """Release the fd."""
+
+
+class BurstBackend(NetBackend, Protocol):
+    """A backend that also takes many frames in one call (optional; the device looks for it).
+
+    The device then hands it a whole transmit burst of one-chunk frames at once instead of
+    calling :meth:`NetBackend.send` for each: the per-frame cost of a Python call is a large
+    part of the data path.
+    """
+
+    def send_burst(self, frames: Sequence[Chunk]) -> int:
+        """Send whole frames, one chunk each, in order; how many were sent.
+
+        The first frame with no room and all after it are dropped. Raises
+        :class:`BackendClosedError` only when the peer is gone before any was sent.
+        """
 
 
 class TapBackend:
@@ -335,6 +355,20 @@ class LoopbackBackend:
             self._armed = True
             os.eventfd_write(self.fd, 1)
         return True
+
+    def send_burst(self, frames: Sequence[Chunk]) -> int:
+        """Queue the frames that fit, in order; the others are dropped without a copy."""
+        queued = self._frames
+        room = self.limit - len(queued)
+        if room <= 0:
+            return 0
+        if len(frames) > room:
+            frames = frames[:room]
+        queued.extend(map(bytes, frames))
+        if frames and not self._armed:
+            self._armed = True
+            os.eventfd_write(self.fd, 1)
+        return len(frames)
 
     def close(self) -> None:
         if self.fd >= 0:
