@@ -289,7 +289,7 @@ def test_cli_run_errors() -> None:
     from pvbus.cli.main import main
 
     assert main(["run", "--disk", "/nonexistent.img", "--", "true"]) == 2
-    assert main(["run"]) == 2
+    assert main(["run", "--disk", "/nonexistent.img"]) == 2  # the shell, too
 
 
 def test_exports() -> None:

@@ -1,9 +1,13 @@
-"""``pvbus run -- COMMAND``: boot a throw-away guest on pvbus disks and run one command."""
+"""``pvbus run [-- COMMAND]``: boot a throw-away guest on pvbus disks and run one command, or
+give an interactive shell on its hvc0 when there is none."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from pvbus.cli._common import CliError
@@ -12,7 +16,8 @@ from pvbus.vm.accel import ACCELS
 from pvbus.vm.devices import DeviceSpec
 from pvbus.vm.guest import GuestBuildError, default_guest
 from pvbus.vm.qemu import COMMAND_CHANNELS, DISK_BACKENDS, TRANSPORTS, DiskSpec, VmConfig
-from pvbus.vm.runner import CommandTimeoutError, GuestBootError, VmError, run_command
+from pvbus.vm.runner import CommandTimeoutError, GuestBootError, Vm, VmError, run_command
+from pvbus.vm.terminal import ESCAPE_NAME
 
 
 def add_vm_options(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +78,11 @@ def vm_config(args: argparse.Namespace, disks: tuple[DiskSpec, ...]) -> VmConfig
 def register(sub: Any) -> None:
     run = sub.add_parser(
         "run",
-        help="run a command in a throw-away guest",
+        help="run a command (or a shell) in a throw-away guest",
         description="Boot a guest with pvbus vhost-user-blk disks and run COMMAND in it "
-        "(one word: a shell script; more: a command line). Exits with its status.",
+        "(one word: a shell script; more: a command line). Exits with its status. With no "
+        f"COMMAND: an interactive shell on the guest's hvc0 ({ESCAPE_NAME} quits; --timeout "
+        "bounds the boot only), or the script on stdin if that is not a terminal.",
     )
     add_vm_options(run)
     run.add_argument(
@@ -96,9 +103,35 @@ def _write(data: bytes) -> None:
 
 def run_in_guest(config: VmConfig, argv: list[str], timeout: float) -> int:
     """Run ``argv`` in a guest, printing its output live; map failures to :class:`CliError`."""
-    try:
+    with _vm_errors():
         guest = default_guest(suite=config.kernel_suite, progress=_progress)
         result = run_command(config, argv, timeout, on_output=_write, guest=guest)
+    return result.status
+
+
+def shell_in_guest(config: VmConfig, boot_timeout: float) -> int:
+    """An interactive shell on the guest's hvc0 in this terminal, until it exits or the
+    escape key; map failures to :class:`CliError`."""
+    with _vm_errors():
+        guest = default_guest(suite=config.kernel_suite, progress=_progress)
+        vm = Vm(config, None, guest=guest)
+        try:
+            vm.start()
+            who = (
+                "pvbus's console device" if vm.console_renderer == "pvbus" else "QEMU's virtconsole"
+            )
+            _progress(f"shell on hvc0 ({who}); {ESCAPE_NAME} quits")
+            why = vm.interact(boot_timeout=boot_timeout)
+        finally:
+            vm.stop()
+    _progress("escape: guest stopped" if why == "escape" else "guest powered off")
+    return 0
+
+
+@contextlib.contextmanager
+def _vm_errors() -> Iterator[None]:
+    try:
+        yield
     except GuestBuildError as err:
         raise CliError(f"guest build failed: {err}") from err
     except GuestBootError as err:
@@ -110,7 +143,6 @@ def run_in_guest(config: VmConfig, argv: list[str], timeout: float) -> int:
         raise CliError(str(err)) from err
     except VmError as err:
         raise CliError(str(err)) from err
-    return result.status
 
 
 def _progress(msg: str) -> None:
@@ -121,8 +153,6 @@ def _run(args: argparse.Namespace) -> int:
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    if not argv:
-        raise CliError("no command given (pvbus run [OPTIONS] -- COMMAND...)")
     try:
         disks = tuple(DiskSpec.parse(d) for d in args.disk)
     except ValueError as err:
@@ -130,4 +160,11 @@ def _run(args: argparse.Namespace) -> int:
     for disk in disks:
         if not disk.path.is_file():
             raise CliError(f"disk image {disk.path} does not exist")
+    if not argv:
+        if os.isatty(0):
+            return shell_in_guest(vm_config(args, disks), args.timeout)
+        script = sys.stdin.read()
+        if not script.strip():
+            raise CliError("no command given and none on stdin (pvbus run [OPTIONS] -- COMMAND...)")
+        argv = [script]
     return run_in_guest(vm_config(args, disks), argv, args.timeout)

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,22 @@ while read -r mod; do
 done < /pvbus/modules
 hostname pvbus
 ip link set lo up 2>/dev/null
+if [ -f /pvbus/interactive ]; then
+  # No command: an interactive shell on hvc0 (its settings: TERM, rows, cols), then off.
+  . /pvbus/interactive
+  export TERM rows cols
+  i=0
+  while [ ! -e /dev/hvc0 ] && [ $i -lt 500 ]; do usleep 10000; i=$((i + 1)); done
+  echo "pvbus-init: running command"
+  cd /root
+  # The size is set while the shell holds hvc0 open (a tty forgets it on last close).
+  PS1='pvbus:\\w# ' setsid sh -c 'exec <>/dev/hvc0 >&0 2>&1
+    [ -n "$rows" ] && stty rows "$rows" cols "$cols"
+    unset rows cols
+    exec sh'
+  sync
+  poweroff -f
+fi
 if [ -f /pvbus/vsock_port ]; then
   # Output and status over vsock to host port N (the runner listens); vsock-exec exits
   # 111 before running anything if it cannot connect: then use the virtio-serial port.
@@ -334,12 +351,28 @@ def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
     return packed + b"\0" * (-len(packed) % 512)
 
 
-def command_archive(command: str, marker: str, vsock_port: int | None = None) -> bytes:
+def command_archive(
+    command: str | None,
+    marker: str,
+    vsock_port: int | None = None,
+    *,
+    term: str = "vt100",
+    size: tuple[int, int] | None = None,
+) -> bytes:
     """The per-run cpio appended to the base initramfs: ``/pvbus/cmd`` and ``/pvbus/marker``,
-    and ``/pvbus/vsock_port`` when the output is to come back over vsock."""
+    and ``/pvbus/vsock_port`` when the output is to come back over vsock.
+
+    With no ``command``, ``/pvbus/interactive`` instead: the guest runs a shell on ``hvc0``
+    for a terminal of type ``term`` and ``size`` (rows, columns).
+    """
     cpio = CpioWriter()
     cpio.directory("pvbus")
-    cpio.file("pvbus/cmd", command.encode() + b"\n", 0o755)
+    if command is None:
+        rows, cols = size or (0, 0)
+        settings = f"TERM={shlex.quote(term)}\n" + (f"rows={rows}\ncols={cols}\n" if size else "")
+        cpio.file("pvbus/interactive", settings.encode())
+    else:
+        cpio.file("pvbus/cmd", command.encode() + b"\n", 0o755)
     cpio.file("pvbus/marker", marker.encode())
     if vsock_port is not None:
         cpio.file("pvbus/vsock_port", f"{vsock_port}\n".encode())

@@ -135,8 +135,11 @@ class VmPaths:
     disk_sockets: tuple[Path, ...] = ()
     #: One vhost-user socket per entry of :attr:`VmConfig.devices` (then any the runner adds).
     device_sockets: tuple[Path, ...] = ()
-    #: Devices the runner adds itself (the command channel's vsock).
+    #: Devices the runner adds itself (the command channel's vsock, the console).
     runner_devices: tuple[DeviceSpec, ...] = ()
+    #: A server socket for QEMU's own ``virtconsole`` (the guest's hvc0), for an interactive
+    #: shell when this QEMU cannot render pvbus's console device.
+    console_socket: Path | None = None
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
@@ -201,6 +204,9 @@ def qemu_argv(
     argv += ["-device", _device(config, "virtio-serial-pci", "virtio-serial-device") + ",id=vser"]
     argv += ["-chardev", f"socket,id=pvbusout,path={paths.output_socket}"]
     argv += ["-device", f"virtserialport,bus=vser.0,chardev=pvbusout,name={OUTPUT_PORT}"]
+    if paths.console_socket is not None:
+        term = f"socket,id=pvbusterm,path={paths.console_socket},server=on,wait=off"
+        argv += ["-chardev", term, "-device", "virtconsole,bus=vser.0,chardev=pvbusterm"]
     blk = _device(config, "vhost-user-blk-pci", "vhost-user-blk")
     for i, (disk, sock) in enumerate(zip(config.disks, paths.disk_sockets, strict=True)):
         reconnect = reconnect_option(config.reconnect_ms, qemu_version)

@@ -6,6 +6,11 @@ module listens on. If the guest cannot connect, or with ``command_channel="seria
 on a virtio-serial port (``org.pvbus.out``) that QEMU connects to another Unix socket. Either
 way it is passed on live and ends with a per-run random marker followed by the exit status.
 The kernel console goes to ``console.log`` and is only read to explain failures.
+
+With no command the guest runs an interactive shell on ``hvc0`` instead, and
+:meth:`Vm.interact` relays the user's terminal to it (:mod:`pvbus.vm.terminal`). ``hvc0`` is
+pvbus's console device where QEMU can render it (the generic ``vhost-user-device``), else
+QEMU's own ``virtconsole``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import enum
 import functools
 import logging
+import os
 import re
 import secrets
 import select
@@ -27,12 +33,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 from pvbus.vm.accel import choose_accel
 from pvbus.vm.backends import Backend, BackendError, start_backend
 from pvbus.vm.devices import DeviceBackend, DeviceSpec, start_device, unsupported_reason
 from pvbus.vm.guest import GuestImage, command_archive, default_guest
 from pvbus.vm.qemu import VmConfig, VmPaths, host_tsc_khz, qemu_argv
+from pvbus.vm.terminal import TerminalRelay, raw_terminal, terminal_size
 
 __all__ = [
     "CommandTimeoutError",
@@ -164,18 +172,25 @@ class Vm:
     """One QEMU guest with pvbus (or qsd) disks, running one command then powering off.
 
     Use as a context manager, or :meth:`start` then :meth:`wait` and always :meth:`stop`.
+    With ``command=None`` the guest runs a shell on ``hvc0``: :meth:`start`, then
+    :meth:`interact`.
     """
 
     def __init__(
         self,
         config: VmConfig,
-        command: str,
+        command: str | None,
         *,
         guest: GuestImage | None = None,
         workdir: Path | None = None,
+        terminal_fd: int = 0,
     ) -> None:
         self.config = config
         self.command = command
+        #: The terminal whose type and size an interactive guest shell is set up for.
+        self.terminal_fd = terminal_fd
+        #: Who renders the interactive shell's ``hvc0``: "pvbus" or "qemu" (set by start).
+        self.console_renderer = ""
         self._guest = guest
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pvbus-vm-"))
@@ -201,6 +216,11 @@ class Vm:
     def qmp_socket(self) -> Path:
         """QMP server socket of the running QEMU (``qemu.qmp`` can connect to it)."""
         return self.workdir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        """The host end of the guest's ``hvc0`` (interactive VMs)."""
+        return self.workdir / "hvc0.sock"
 
     @property
     def console_log(self) -> Path:
@@ -244,9 +264,13 @@ class Vm:
         initrd = self.workdir / "initrd.img"
         base = guest.initramfs.read_bytes()
         base += b"\0" * (-len(base) % 4)
-        use_vsock = self.config.command_channel == "vsock"
+        interactive = self.command is None
+        use_vsock = self.config.command_channel == "vsock" and not interactive
         vsock_port = COMMAND_PORT if use_vsock else None
-        initrd.write_bytes(base + command_archive(self.command, self._marker, vsock_port))
+        size = terminal_size(self.terminal_fd)
+        term = os.environ.get("TERM", "vt100")
+        archive = command_archive(self.command, self._marker, vsock_port, term=term, size=size)
+        initrd.write_bytes(base + archive)
         sockets: list[Path] = []
         for i, disk in enumerate(self.config.disks):
             if disk.socket is not None:
@@ -278,6 +302,15 @@ class Vm:
             self._vsock_path.unlink(missing_ok=True)
             self._vsock_listener.bind(str(self._vsock_path))
             self._vsock_listener.listen(1)
+        qemu_console: Path | None = None
+        if interactive:
+            console = DeviceSpec.console(f"socket:{self.console_socket}")
+            if unsupported_reason(console, self.config.transport, qemu) is None:
+                runner_devices += (console,)
+                self.console_renderer = "pvbus"
+            else:
+                qemu_console = self.console_socket
+                self.console_renderer = "qemu"
         device_sockets: list[Path] = []
         for i, spec in enumerate(self.config.devices + runner_devices):
             reason = unsupported_reason(spec, self.config.transport, qemu)
@@ -298,6 +331,7 @@ class Vm:
             disk_sockets=tuple(sockets),
             device_sockets=tuple(device_sockets),
             runner_devices=runner_devices,
+            console_socket=qemu_console,
         )
         argv = qemu_argv(
             self.config, paths, accel.name, host_tsc_khz(), qemu_version(self.config.qemu)
@@ -354,6 +388,51 @@ class Vm:
             boot_seconds = elapsed
         return RunResult(bytes(stream.output), stream.status, elapsed, boot_seconds)
 
+    def interact(self, in_fd: int = 0, out_fd: int = 1, boot_timeout: float | None = None) -> str:
+        """Relay the terminal on ``in_fd``/``out_fd`` to the guest's shell on ``hvc0``.
+
+        Returns ``"poweroff"`` when the guest has gone off (the shell exited) or ``"escape"``
+        when the user pressed the escape key. ``boot_timeout`` bounds the boot only.
+        """
+        if self._qemu is None or self.command is not None:
+            raise VmError("interact needs a started VM with no command")
+        qemu = self._qemu
+        deadline = None if boot_timeout is None else self._started + boot_timeout
+
+        def keep_going() -> bool:
+            self.revive_backends()
+            if qemu.poll() is not None:
+                return False
+            if deadline is not None and time.monotonic() > deadline and not self._booted():
+                self._timeout(boot_timeout or 0.0, b"")
+            return True
+
+        console = self._connect_console(keep_going)
+        if console is None:
+            self._died(b"")
+        with console, raw_terminal(in_fd):
+            why = TerminalRelay(console, in_fd, out_fd).run(keep_going)
+        if why == "escape":
+            return why
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            qemu.wait(10)
+        if not self._booted():
+            self._died(b"")
+        return "poweroff"
+
+    def _connect_console(self, keep_going: Callable[[], bool]) -> socket.socket | None:
+        """Connect to ``hvc0``'s socket once it listens; None if QEMU exits first."""
+        while keep_going():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.console_socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                time.sleep(0.05)
+                continue
+            return sock
+        return None
+
     @property
     def backends(self) -> list[Backend]:
         """The disk backends this VM started (not those it only connects to)."""
@@ -388,7 +467,7 @@ class Vm:
             return ""
         return lines[-1] if lines else ""
 
-    def _died(self, output: bytes) -> None:
+    def _died(self, output: bytes) -> NoReturn:
         rc = self._qemu.returncode if self._qemu else None
         if not self._booted():
             err = self._qemu_error()
@@ -397,7 +476,7 @@ class Vm:
             raise GuestBootError("guest failed to boot", self.console_tail())
         raise VmError("guest stopped before reporting the command's status")
 
-    def _timeout(self, timeout: float, output: bytes) -> None:
+    def _timeout(self, timeout: float, output: bytes) -> NoReturn:
         if not self._booted():
             tail = self.console_tail()
             if not tail:
