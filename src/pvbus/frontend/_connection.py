@@ -24,6 +24,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -384,6 +385,35 @@ class DeviceClient:
     is a context manager. Subclasses take the connected frontend as their first argument."""
 
     frontend: VhostUserFrontend
+    #: Default seconds for :meth:`wait_for`.
+    timeout: float = 10.0
+    #: What :meth:`wait_for` raises when time is up.
+    wait_error: type[FrontendError] = FrontendError
+
+    def poll(self) -> None:
+        """Take in what the backend completed (clients with traffic of their own override)."""
+
+    def _polled_queues(self) -> list[FrontendQueue]:
+        """The queues whose interrupts :meth:`wait_for` sleeps on."""
+        return []
+
+    def wait_for(
+        self, predicate: Callable[[], bool], what: str, timeout: float | None = None
+    ) -> None:
+        """:meth:`poll` until ``predicate()`` holds; raise :attr:`wait_error` after ``timeout``
+        seconds (default :attr:`timeout`), sleeping on the queues' interrupts meanwhile."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        queues = self._polled_queues()
+        while True:
+            self.poll()
+            if predicate():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.wait_error(f"timed out waiting for {what}")
+            if self.frontend.wait(queues, min(left, 0.1)):
+                for q in queues:
+                    q.ack_calls()
 
     @classmethod
     def _open(

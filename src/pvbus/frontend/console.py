@@ -10,8 +10,7 @@ any control message, malformed ones included.
 from __future__ import annotations
 
 import struct
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pvbus.frontend._connection import (
@@ -101,6 +100,8 @@ class _Ring:
 
 class ConsoleClient(DeviceClient):
     """A userspace virtio-console driver on one vhost-user backend socket."""
+
+    wait_error = ConsoleClientError
 
     def __init__(
         self,
@@ -218,27 +219,10 @@ class ConsoleClient(DeviceClient):
                     ring.post_writable()
                 ring.queue.publish()
 
-    def _queues(self) -> list[FrontendQueue]:
+    def _polled_queues(self) -> list[FrontendQueue]:
         rings = [*self._rx.values(), *self._tx.values()]
         rings += [r for r in (self._crx, self._ctx) if r is not None]
         return [r.queue for r in rings]
-
-    def wait_for(
-        self, predicate: Callable[[], bool], what: str, timeout: float | None = None
-    ) -> None:
-        """Poll until ``predicate()`` is true; raise after ``timeout``."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        queues = self._queues()
-        while True:
-            self.poll()
-            if predicate():
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConsoleClientError(f"timed out waiting for {what}")
-            if self.frontend.wait(queues, min(left, 0.1)):
-                for q in queues:
-                    q.ack_calls()
 
     def wait_ready(
         self, count: int | None = None, names: Iterable[str] = ()

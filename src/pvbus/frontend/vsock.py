@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pvbus.frontend._connection import DeviceClient, FrontendError, VhostUserFrontend
+from pvbus.frontend._connection import (
+    DeviceClient,
+    FrontendError,
+    FrontendQueue,
+    VhostUserFrontend,
+)
 from pvbus.frontend._memory import MemfdMemory
 from pvbus.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
@@ -59,6 +63,8 @@ class GuestStream:
 
 class VsockClient(DeviceClient):
     """A userspace virtio-vsock driver on one vhost-user backend socket."""
+
+    wait_error = VsockClientError
 
     def __init__(
         self,
@@ -226,22 +232,8 @@ class VsockClient(DeviceClient):
         elif op == OP_CREDIT_REQUEST:
             self._packet(stream, OP_CREDIT_UPDATE)
 
-    def wait_for(
-        self, predicate: Callable[[], bool], what: str, timeout: float | None = None
-    ) -> None:
-        """Poll until ``predicate()``; raise :class:`VsockClientError` after ``timeout``."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        queues = [self.rx, self.tx]
-        while True:
-            self.poll()
-            if predicate():
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise VsockClientError(f"timed out waiting for {what}")
-            if self.frontend.wait(queues, min(left, 0.1)):
-                for q in queues:
-                    q.ack_calls()
+    def _polled_queues(self) -> list[FrontendQueue]:
+        return [self.rx, self.tx]
 
     # -- sockets ----------------------------------------------------------------------------
 
