@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 
 from conftest import memfd
 from pvbus.devices.blk import BlkConfig, BlockDevice
+from pvbus.testing.fuzz import feed_session
 from pvbus.vhost_user.backend import BackendSession
 from pvbus.vhost_user.codec import MessageReader, encode
-from pvbus.vhost_user.errors import ProtocolError, RemoteProtocolError
+from pvbus.vhost_user.errors import ProtocolError
 from pvbus.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     U64,
@@ -468,15 +469,8 @@ def run_stream(image: Path, chunks: list[tuple[bytes, list[int]]]) -> None:
             for fd in fds:
                 pending.remove(fd)
             try:
-                reader.receive_data(data, fds)
-                while (msg := reader.next_message()) is not None:
-                    reply = session.handle(msg)
-                    for fd in reply.fds if reply is not None else ():
-                        os.close(fd)  # a reply's fds are the sender's to close once sent
-            except ProtocolError as err:
-                if isinstance(err, RemoteProtocolError):
-                    for fd in err.fds:
-                        os.close(fd)
+                feed_session(reader, session, data, fds)
+            except ProtocolError:
                 break
     finally:
         for fd in pending:  # chunks never delivered

@@ -36,6 +36,26 @@ GUEST_SIZE = 16 * PAGE
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def feed_session(
+    reader: MessageReader, session: BackendSession, data: bytes, fds: list[int]
+) -> None:
+    """Hand ``session`` one chunk of a stream (bytes with their fds) as its socket would.
+
+    Every complete message is handled and the fds of its reply closed (they are the sender's
+    once sent). A :class:`RemoteProtocolError` propagates with its fds already closed.
+    """
+    try:
+        reader.receive_data(data, fds)
+        while (msg := reader.next_message()) is not None:
+            reply = session.handle(msg)
+            for fd in reply.fds if reply is not None else ():
+                os.close(fd)
+    except RemoteProtocolError as err:
+        for fd in err.fds:
+            os.close(fd)
+        raise
+
+
 class _Quiet:
     def ring_started(self, index: int, kick_fd: int | None) -> None:
         pass
@@ -117,16 +137,9 @@ class MessageTarget:
                 nfds = data[pos] >> 6
                 chunk = data[pos + 1 : pos + 1 + cut]
                 pos += 1 + cut
-                fds = [os.dup(self.memfd) for _ in range(nfds)]
-                reader.receive_data(chunk, fds)
-                while (msg := reader.next_message()) is not None:
-                    reply = session.handle(msg)
-                    for fd in reply.fds if reply is not None else ():
-                        os.close(fd)  # a reply's fds are the sender's to close once sent
-        except ProtocolError as err:
-            if isinstance(err, RemoteProtocolError):
-                for fd in err.fds:
-                    os.close(fd)
+                feed_session(reader, session, chunk, [os.dup(self.memfd) for _ in range(nfds)])
+        except ProtocolError:
+            pass
         finally:
             for fd in reader.close():
                 os.close(fd)
