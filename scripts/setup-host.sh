@@ -14,7 +14,7 @@ for p in qemu-system-x86 qemu-utils; do
   if ! have "$p" || ! dpkg-query -W -f='${Version}' "$p" | grep -q '^1:10'; then need_bp+=("$p"); fi
 done
 need=()
-for p in busybox-static e2fsprogs xz-utils zstd cpio iproute2 passt python3-venv; do have "$p" || need+=("$p"); done
+for p in busybox-static e2fsprogs xz-utils zstd cpio iproute2 passt python3-venv python3-dev gcc; do have "$p" || need+=("$p"); done
 if [ ${#need_bp[@]} -gt 0 ] || [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   [ ${#need_bp[@]} -eq 0 ] || $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports "${need_bp[@]}"

@@ -115,7 +115,7 @@ class GuestMemory:
     Lookups cache the last region hit, since a request's buffers usually sit in one region.
     """
 
-    __slots__ = ("_by_uaddr", "_last", "_starts", "_uaddr_starts", "regions")
+    __slots__ = ("_by_uaddr", "_last", "_starts", "_uaddr_starts", "regions", "table")
 
     def __init__(self, regions: list[MemoryRegion] | None = None) -> None:
         self.regions: list[MemoryRegion] = []
@@ -123,6 +123,8 @@ class GuestMemory:
         self._by_uaddr: list[MemoryRegion] = []
         self._uaddr_starts: list[int] = []
         self._last: MemoryRegion | None = None
+        #: ``(gpa, size, buf)`` of each region, for the C ring loop (``pvbus.virtio._fastring``).
+        self.table: tuple[tuple[int, int, memoryview], ...] = ()
         for region in regions or ():
             self.add(region)
 
@@ -166,6 +168,7 @@ class GuestMemory:
         self._by_uaddr = sorted(self.regions, key=lambda r: r.uaddr)
         self._uaddr_starts = [r.uaddr for r in self._by_uaddr]
         self._last = None
+        self.table = tuple((r.gpa, r.size, r.buf) for r in self.regions)
 
     def region_of(self, gpa: int) -> MemoryRegion:
         """The region that holds guest-physical address ``gpa``."""

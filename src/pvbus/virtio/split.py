@@ -11,6 +11,7 @@ still be answered with an error status.
 
 from __future__ import annotations
 
+import array
 import struct
 
 from pvbus.virtio.barrier import full_barrier
@@ -25,6 +26,14 @@ from pvbus.virtio.constants import (
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.inflight import SplitInflight
 from pvbus.virtio.memory import GuestMemory
+
+try:
+    from pvbus.virtio import _fastring
+except ImportError:  # not built (no C compiler): the Python loops below do the same
+    _fastring = None  # type: ignore[assignment]
+
+#: Whether the C loops of :meth:`SplitQueue.pop_frames` and ``add_used_heads`` are in use.
+FAST_RING = _fastring is not None
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -291,6 +300,98 @@ class SplitQueue:
                 inflight.begin(head)
         self.next_avail = nxt
         return out
+
+    def pop_frames(
+        self,
+        mem: GuestMemory,
+        limit: int,
+        *,
+        skip: int = 0,
+        min_len: int = 0,
+        max_len: int = 0xFFFFFFFF,
+        zero_prefix: int = 0,
+        write: bool = False,
+    ) -> tuple[list[memoryview], bytes]:
+        """Take up to ``limit`` available chains while each is the common simple case.
+
+        That is: one descriptor of the direction asked for (device-readable, or device-writable
+        with ``write``), neither chained nor indirect, of ``min_len`` to ``max_len`` bytes, in
+        one memory region, whose first ``zero_prefix`` bytes are zero (a virtio-net header that
+        asks for nothing, say). The first chain that is anything else stays available for
+        :meth:`pop` / :meth:`pop_burst`, which walk it and raise what is wrong with it.
+
+        Returns views of the buffers past their first ``skip`` bytes and the heads as native
+        uint16s, for :meth:`add_used_heads`. With inflight tracking, or chains to resubmit, it
+        takes nothing (the caller's general path handles those). The loop runs in C where
+        ``pvbus.virtio._fastring`` is built (:data:`FAST_RING`), else in Python, alike.
+        """
+        if mem is not self._mem:
+            self._bind(mem)
+        if self._resubmit or self.inflight is not None:
+            return [], b""
+        min_len = max(min_len, skip + zero_prefix)
+        want = VIRTQ_DESC_F_WRITE if write else 0
+        if _fastring is not None:
+            views, heads, self.next_avail = _fastring.pop_frames(
+                self._desc, self._avail, self.size, self.next_avail, limit, want,
+                mem.table, skip, min_len, max_len, zero_prefix,
+            )  # fmt: skip
+            return views, heads
+        return self._pop_frames_py(
+            mem, limit, want=want, skip=skip, min_len=min_len, max_len=max_len,
+            zero_prefix=zero_prefix,
+        )  # fmt: skip
+
+    def _pop_frames_py(
+        self,
+        mem: GuestMemory,
+        limit: int,
+        *,
+        want: int,
+        skip: int,
+        min_len: int,
+        max_len: int,
+        zero_prefix: int,
+    ) -> tuple[list[memoryview], bytes]:
+        size = self.size
+        nxt = self.next_avail
+        n = (_u16_unpack(self._avail, 2)[0] - nxt) & 0xFFFF
+        if n > size:
+            n = 0  # pop() raises it
+        ring = self._avail.cast("H")
+        table = self._desc
+        views: list[memoryview] = []
+        heads = array.array("H")
+        zeros = bytes(zero_prefix)
+        for i in range(min(n, limit)):
+            head: int = ring[2 + (nxt + i) % size]
+            if head >= size:
+                break
+            addr, length, flags, _ = _desc_unpack(table, 16 * head)
+            if flags != want or not min_len <= length <= max_len:
+                break
+            try:
+                buf = mem.translate(addr, length)
+            except GuestMemoryError:
+                break
+            if buf[:zero_prefix] != zeros:
+                break
+            views.append(buf[skip:])
+            heads.append(head)
+        self.next_avail = (nxt + len(heads)) & 0xFFFF
+        return views, heads.tobytes()
+
+    def add_used_heads(self, mem: GuestMemory, heads: bytes, length: int = 0) -> None:
+        """Return the chains ``heads`` (from :meth:`pop_frames`), ``length`` bytes written to
+        each, publishing the used index once after all of them (section 2.7.8)."""
+        if mem is not self._mem:
+            self._bind(mem)
+        if _fastring is not None and self.inflight is None:
+            self.next_used = _fastring.publish_used(
+                self._used, self.size, self.next_used, heads, length
+            )
+            return
+        self.add_used_many(mem, [(head, length) for head in memoryview(heads).cast("H")])
 
     def walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         """Walk the chain that starts at descriptor ``head`` (sections 2.7.5, 2.7.5.3)."""

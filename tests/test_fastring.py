@@ -1,0 +1,226 @@
+"""The C loop of the split ring (``pvbus.virtio._fastring``) against its Python twin.
+
+``SplitQueue.pop_frames`` and ``add_used_heads`` run in C where the extension is built and in
+Python otherwise; both must give the same views, heads, indices and ring bytes for any ring a
+driver can write, malformed ones included (hypothesis generates them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pvbus.virtio import split
+from pvbus.virtio.constants import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pvbus.virtio.memory import GuestMemory, MemoryRegion
+from pvbus.virtio.split import SplitQueue
+
+needs_c = pytest.mark.skipif(not split.FAST_RING, reason="pvbus.virtio._fastring not built")
+
+# Two regions with a hole between them; rings in the first.
+LOW, LOW_SIZE = 0x1000, 0x8000
+HIGH, HIGH_SIZE = 0x20000, 0x4000
+RINGS = LOW  # desc table, then avail ring, then used ring (queue size <= 256 fits)
+
+
+class Ring:
+    """A queue of ``size`` over fresh two-region guest memory."""
+
+    def __init__(self, size: int) -> None:
+        self.low = bytearray(LOW_SIZE)
+        self.high = bytearray(HIGH_SIZE)
+        self.mem = GuestMemory(
+            [MemoryRegion.from_buffer(LOW, self.low), MemoryRegion.from_buffer(HIGH, self.high)]
+        )
+        self.queue = SplitQueue(max_size=256)
+        q = self.queue
+        q.size = size
+        q.desc_addr = RINGS
+        q.avail_addr = RINGS + 16 * size
+        q.used_addr = (q.avail_addr + 6 + 2 * size + 3) & ~3
+        q.ready = True
+
+    def ram(self, gpa: int) -> tuple[bytearray, int]:
+        return (self.low, gpa - LOW) if gpa < HIGH else (self.high, gpa - HIGH)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        buf, off = self.ram(gpa)
+        buf[off : off + len(data)] = data
+
+
+# Buffer addresses: in either region, at edges, straddling an end, in the hole, far away.
+ADDRS = st.sampled_from(
+    [LOW + 0x4000, LOW + 0x6000, LOW + LOW_SIZE - 64, HIGH, HIGH + 0x100, HIGH + HIGH_SIZE - 20,
+     0x10000, 0, 2**64 - 16]
+)  # fmt: skip
+LENGTHS = st.sampled_from([0, 1, 2, 11, 12, 14, 26, 60, 64, 1514, 1526, 4096, 2**32 - 1])
+FLAGS = st.sampled_from(
+    [0, 0, 0, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT, 0xFFFF]
+)
+
+
+@st.composite
+def rings(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, int]], list[int], int, int, bytes]:
+    size = draw(st.sampled_from([1, 2, 8, 64, 256]))
+    descs = [(draw(ADDRS), draw(LENGTHS), draw(FLAGS)) for _ in range(size)]
+    heads = draw(st.lists(st.integers(0, size + 2), min_size=size, max_size=size))
+    next_avail = draw(st.integers(0, 0xFFFF))
+    ahead = draw(st.integers(0, size + 3))
+    prefix = draw(st.binary(min_size=2, max_size=2))
+    return size, descs, heads, next_avail, ahead, prefix
+
+
+Descs = list[tuple[int, int, int]]
+
+
+def _fill(ring: Ring, descs: Descs, heads: list[int], idx: int, prefix: bytes) -> None:
+    size = ring.queue.size
+    for i, (addr, length, flags) in enumerate(descs):
+        ring.write(RINGS + 16 * i, struct.pack("<QIHH", addr, length, flags, 0))
+        inside = LOW <= addr < LOW + LOW_SIZE - 2 or HIGH <= addr < HIGH + HIGH_SIZE - 2
+        if inside and not RINGS <= addr < RINGS + 16 * size + 4096:  # never over the rings
+            ring.write(addr, prefix)
+    for i, head in enumerate(heads):
+        ring.write(ring.queue.avail_addr + 4 + 2 * i, struct.pack("<H", head))
+    ring.write(ring.queue.avail_addr + 2, struct.pack("<H", idx))
+
+
+def _implementation(fast: bool) -> contextlib.AbstractContextManager[object]:
+    """The C loop as built, or the Python one."""
+    return contextlib.nullcontext() if fast else mock.patch.object(split, "_fastring", None)
+
+
+@pytest.fixture
+def python_only() -> Iterator[None]:
+    with _implementation(False):
+        yield
+
+
+def _pop(ring: Ring, limit: int, **kw: int) -> tuple[list[tuple[int, bytes]], bytes, int]:
+    views, heads = ring.queue.pop_frames(ring.mem, limit, **kw)  # type: ignore[arg-type]
+    where = []
+    for view in views:
+        # Where the view points: write a marker through it and find it in guest memory.
+        if len(view) == 0:
+            where.append((-1, b""))
+            continue
+        old = bytes(view)
+        view[:] = b"\xa5" * len(view)
+        low, high = bytes(ring.low), bytes(ring.high)
+        at = low.find(b"\xa5" * len(view))
+        pos = LOW + at if at >= 0 else HIGH + high.find(b"\xa5" * len(view))
+        view[:] = old
+        where.append((pos, old))
+    return where, heads, ring.queue.next_avail
+
+
+Options = dict[str, int]
+OPTIONS = st.fixed_dictionaries(
+    {
+        "skip": st.sampled_from([0, 12]),
+        "min_len": st.sampled_from([0, 14, 60]),
+        "max_len": st.sampled_from([1526, 2**32 - 1]),
+        "zero_prefix": st.sampled_from([0, 2]),
+        "write": st.sampled_from([0, 1]),
+    }
+)
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(rings(), st.integers(1, 300), OPTIONS)
+def test_c_and_python_pop_the_same(
+    ring_args: tuple[int, Descs, list[int], int, int, bytes], limit: int, options: Options
+) -> None:
+    size, descs, heads, next_avail, ahead, prefix = ring_args
+    results = []
+    for fast in (True, False):
+        ring = Ring(size)
+        _fill(ring, descs, heads, (next_avail + ahead) & 0xFFFF, prefix)
+        ring.queue.set_base(next_avail)
+        with _implementation(fast):
+            results.append((_pop(ring, limit, **options), bytes(ring.low), bytes(ring.high)))
+    assert results[0] == results[1]
+
+
+def test_pop_frames_takes_the_simple_chains_and_stops_at_the_rest(python_only: None) -> None:
+    _pop_frames_story()
+
+
+@needs_c
+def test_pop_frames_story_in_c() -> None:
+    _pop_frames_story()
+
+
+def _pop_frames_story() -> None:
+    ring = Ring(8)
+    frame = b"\0\0" + bytes(10) + b"F" * 60
+    ring.write(HIGH, frame)
+    ring.write(HIGH + 0x100, frame)
+    ring.write(HIGH + 0x200, b"\x01" + frame[1:])  # a header that asks for an offload
+    descs = [(HIGH, 72, 0), (HIGH + 0x100, 72, 0), (HIGH + 0x200, 72, 0)]
+    for i, (addr, length, flags) in enumerate(descs):
+        ring.write(RINGS + 16 * i, struct.pack("<QIHH", addr, length, flags, 0))
+    for i, head in enumerate([1, 0, 2]):
+        ring.write(ring.queue.avail_addr + 4 + 2 * i, struct.pack("<H", head))
+    ring.write(ring.queue.avail_addr + 2, struct.pack("<H", 3))
+    q = ring.queue
+    views, heads = q.pop_frames(ring.mem, 16, skip=12, min_len=26, zero_prefix=2)
+    assert [bytes(v) for v in views] == [b"F" * 60, b"F" * 60]
+    assert list(memoryview(heads).cast("H")) == [1, 0]
+    assert q.next_avail == 2
+    # The offload chain stays available, and a second call takes nothing.
+    assert q.pop_frames(ring.mem, 16, skip=12, min_len=26, zero_prefix=2) == ([], b"")
+    assert q.next_avail == 2
+    chain = q.pop(ring.mem)
+    assert chain is not None and chain.head == 2
+    # Used entries for the two, then the index, as add_used_many writes them.
+    q.add_used_heads(ring.mem, heads)
+    used = q.used_addr - LOW
+    assert struct.unpack_from("<HH", ring.low, used) == (0, 2)
+    assert struct.unpack_from("<IIII", ring.low, used + 4) == (1, 0, 0, 0)
+    assert q.next_used == 2
+
+
+@needs_c
+@given(
+    st.lists(st.integers(0, 255), max_size=300), st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1)
+)
+def test_c_and_python_publish_the_same(heads: list[int], start: int, length: int) -> None:
+    raw = struct.pack(f"={len(heads)}H", *heads)
+    images = []
+    for fast in (True, False):
+        ring = Ring(256)
+        ring.queue.next_used = start
+        with _implementation(fast):
+            ring.queue.add_used_heads(ring.mem, raw, length)
+        images.append((bytes(ring.low), ring.queue.next_used))
+    assert images[0] == images[1]
+    assert images[0][1] == (start + len(heads)) & 0xFFFF
+
+
+@needs_c
+def test_c_refuses_bad_arguments() -> None:
+    from pvbus.virtio import _fastring
+
+    with pytest.raises(ValueError):
+        _fastring.pop_frames(b"", b"", 8, 0, 8, 0, (), 0, 0, 100, 0)  # rings too short
+    with pytest.raises(ValueError):
+        _fastring.pop_frames(bytes(16), bytes(8), 0, 0, 8, 0, (), 0, 0, 100, 0)  # size 0
+    not_a_tuple: Any = []
+    with pytest.raises(TypeError):
+        _fastring.pop_frames(bytes(128), bytes(22), 8, 0, 8, 0, not_a_tuple, 0, 0, 100, 0)
+    with pytest.raises(BufferError):  # guest memory must be writable
+        readonly = ((0, 4, memoryview(b"abcd")),)
+        _fastring.pop_frames(bytes(128), bytes(22), 8, 0, 8, 0, readonly, 0, 0, 1, 0)
+    with pytest.raises(BufferError):  # the used ring too
+        _fastring.publish_used(bytes(64), 4, 0, b"\0\0", 0)
+    with pytest.raises(ValueError):
+        _fastring.publish_used(bytearray(64), 4, 0, b"\0", 0)  # half a head
