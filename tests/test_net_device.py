@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import pytest
 
@@ -33,10 +34,22 @@ from pvbus.devices.net.device import (
 )
 from pvbus.devices.net.frames import HDR_LEN, MAX_FRAME, NET_HDR, format_mac, parse_mac
 from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.virtio import split
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.memory import GuestMemory
 from pvbus.virtio.split import SplitQueue
+
+
+@pytest.fixture(autouse=True, params=["c", "python"] if split.FAST_RING else ["python"])
+def ring_loop(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test with the split ring's C loop (where built) and with its Python twin."""
+    if request.param == "c":
+        yield "c"
+    else:
+        with mock.patch.object(split, "_fastring", None):
+            yield "python"
+
 
 MAC = parse_mac("52:54:00:00:00:01")
 PEER = parse_mac("52:54:00:00:00:02")

@@ -5,7 +5,8 @@ BackendSession driving a real virtio-blk device. Only ProtocolError may come out
 may leak.
 
 ``rings``: a descriptor table, available ring and queue parameters written into guest memory
-that sits between two PROT_NONE guard pages, processed by virtio-blk. Only QueueError may
+that sits between two PROT_NONE guard pages, processed by virtio-blk and then by the split
+ring's common-case loop (``SplitQueue.pop_frames``, in C where built). Only QueueError may
 come out; an access outside guest memory would fault on a guard page and crash the run.
 
 Run as ``pvbus fuzz TARGET --runs N`` (or ``python -m pvbus.testing.fuzz TARGET -runs=N``).
@@ -112,9 +113,16 @@ class RingTarget:
         queue.used_addr = GUEST_BASE + ((16 * size + 6 + 2 * size + 4095) & ~4095)
         queue.event_idx = bool(flags & 1)
         struct.pack_into("<H", view, 16 * size + 2, avail_idx)
-        queue.set_base(avail_idx - (flags >> 1) % (size + 2))
+        base = avail_idx - (flags >> 1) % (size + 2)
+        queue.set_base(base)
         with contextlib.suppress(QueueError):
             self.device.process(0)
+        # The same ring through the common-case loop (C where built), as virtio-net uses it.
+        queue.set_base(base)
+        _, heads = queue.pop_frames(
+            self.guest.mem, 1024, skip=12, min_len=26, max_len=1526, zero_prefix=2
+        )
+        queue.add_used_heads(self.guest.mem, heads)
         queue.unbind()
 
 
