@@ -20,6 +20,11 @@ from pvbus.virtio.split import SplitQueue
 #: Ring features every pvbus device offers (sections 2.7.5.3, 2.7.10, 6).
 COMMON_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
 
+#: Chains one :meth:`VirtioDevice.drain` completes before it lets other work run (the
+#: transport calls the queue again right after): a driver that keeps a queue full must not
+#: starve the device's other queues or the vhost-user socket (Linux vhost's "weight").
+DRAIN_WEIGHT = 1024
+
 #: Buckets of :attr:`QueueStats.latency`: bucket ``b`` counts requests whose batch (first pop
 #: to last completion) took less than ``2**b`` units of 1.024 us; the last takes the rest.
 LATENCY_BUCKETS = 16
@@ -86,6 +91,9 @@ class VirtioDevice:
         self.mem = GuestMemory()
         self.queues = [SplitQueue(max_queue_size) for _ in range(num_queues)]
         self.interrupt: Callable[[int], None] = _no_interrupt
+        #: Set by a transport that can call :meth:`process` again for a queue once other work
+        #: had its turn; without one, :meth:`drain` goes on until the queue is empty.
+        self.requeue: Callable[[int], None] | None = None
         #: Set by the transport before any queue starts; devices with host-side I/O use it.
         self.reactor: Reactor | None = None
         self.acked_features = 0
@@ -135,9 +143,11 @@ class VirtioDevice:
     def drain(self, index: int, handle: Callable[[SplitQueue, GuestMemory], int]) -> None:
         """Process queue ``index`` with kicks suppressed until it is empty, then signal once.
 
-        ``handle`` pops and completes what is available and returns how many it completed.
-        The re-check after re-enabling kicks closes the race with a driver that added a chain
-        while kicks were off (section 2.7.10).
+        ``handle`` pops and completes what is available and returns how many it completed
+        (it may stop early, after about :data:`DRAIN_WEIGHT`). The re-check after re-enabling
+        kicks closes the race with a driver that added a chain while kicks were off (section
+        2.7.10). Past :data:`DRAIN_WEIGHT` completions the queue is handed back to the
+        transport (:attr:`requeue`), which calls it again after the other ready work.
         """
         queue = self.queues[index]
         mem = self.mem
@@ -150,6 +160,9 @@ class VirtioDevice:
             if suppress:
                 queue.set_notification(mem, False)
             done += handle(queue, mem)
+            if done >= DRAIN_WEIGHT and self.requeue is not None:
+                self.requeue(index)
+                break
             if not queue.set_notification(mem, True):
                 break
         if done:

@@ -94,6 +94,7 @@ class VhostUserServer:
         self.connections = 0
         self._kick_fds: dict[int, int] = {}
         device.interrupt = self._interrupt
+        device.requeue = self._requeue
         device.reactor = loop
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
@@ -230,6 +231,13 @@ class VhostUserServer:
                 failed(index, err)
 
         return kicked
+
+    def _requeue(self, index: int) -> None:
+        """Come back to queue ``index`` after the other ready work: kick it ourselves, so the
+        loop's next epoll round sees it beside the others (a polled ring needs nothing)."""
+        fd = self._kick_fds.get(index)
+        if fd is not None:
+            os.eventfd_write(fd, 1)
 
     def _process(self, index: int) -> None:
         try:

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
-from pvbus.devices.base import COMMON_FEATURES, VirtioDevice
+from pvbus.devices.base import COMMON_FEATURES, DRAIN_WEIGHT, VirtioDevice
 from pvbus.devices.net.backends import BackendClosedError, NetBackend
 from pvbus.devices.net.frames import (
     BROADCAST,
@@ -343,6 +343,8 @@ class NetDevice(VirtioDevice):
                     self._send_batch(frames, send_burst)
                     queue.add_used_heads(mem, heads)
                     done += len(frames)
+                    if done >= DRAIN_WEIGHT:
+                        return done  # drain() lets the receive side and the rest run
                     continue
             # Then whatever stopped that loop (or all of it, without it), chain by chain.
             burst = pop_burst(mem, _TX_BURST)
@@ -351,6 +353,8 @@ class NetDevice(VirtioDevice):
             transmit_burst(burst, mem, pair)
             add_used_many(mem, [(entry[0], 0) for entry in burst])
             done += len(burst)
+            if done >= DRAIN_WEIGHT:
+                return done
 
     def _transmit_burst(self, burst: list[Popped], mem: GuestMemory, pair: int) -> None:
         """Send each frame of a burst (5.1.6.2), the common case without a per-frame call.
