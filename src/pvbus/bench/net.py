@@ -1,16 +1,25 @@
 """``pvbus bench net``: DPDK testpmd's virtio-user as a C traffic source and sink.
 
-The frontend is ``dpdk-testpmd`` with a ``net_virtio_user`` port in ``txonly`` mode: it
-keeps its transmit ring full of ``size``-byte frames, and the rate is how many frames per
-second the backend takes off that ring (testpmd's TX-packets over the forwarding time). Each
-backend reflects every frame back towards the frontend, which does not receive, so the
-return path only fills and drops:
+The frontend is ``dpdk-testpmd`` with one ``net_virtio_user`` port. Each backend reflects every
+frame it takes back towards the frontend:
 
 * ``pvbus``: ``pvbus serve net --loopback``;
 * ``dpdk``: a second testpmd with a ``net_vhost`` port forwarding ``io`` on a loop topology.
 
-The two forwarding cores run on different CPUs (frontend on ``--frontend-cpu``, backend on
-``--backend-cpu``).
+Two modes, one number each:
+
+* ``tx``: the frontend runs ``txonly``: it keeps its transmit ring full of ``size``-byte frames
+  and never receives. The rate is how many frames per second the backend takes off that ring
+  (testpmd's TX-packets over the forwarding time); what comes back only fills and drops. A
+  backend may drop a frame it has no room for without copying it (pvbus does; DPDK's ``io``
+  forwarding copies it into an mbuf first).
+* ``loop``: the frontend runs ``flowgen``: it transmits and also receives (and frees) what
+  comes back. The rate is frames that made the round trip (RX-packets over the time): both
+  directions, every frame copied into a receive buffer.
+
+The two forwarding cores run on different CPUs (frontend on ``frontend_cpu``, backend on
+``backend_cpu``). Runs are repeated, backends interleaved, and the median is reported: on a
+shared or nested machine single runs swing by 2x.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 
 __all__ = [
     "BACKENDS",
+    "MODES",
     "NetBenchError",
     "NetResult",
     "main",
@@ -41,10 +51,13 @@ __all__ = [
 ]
 
 BACKENDS = ("pvbus", "dpdk")
+#: Benchmark mode -> testpmd forwarding mode of the frontend.
+MODES = {"tx": "txonly", "loop": "flowgen"}
 TESTPMD = "dpdk-testpmd"
 _EAL = ["--no-huge", "--no-pci", "-m", "1024"]
 _PMD = ["--total-num-mbufs=16384"]
-_TOTAL = re.compile(r"TX-packets:\s+(\d+)")
+_TX_TOTAL = re.compile(r"TX-packets:\s+(\d+)")
+_RX_TOTAL = re.compile(r"RX-packets:\s+(\d+)")
 
 
 class NetBenchError(Exception):
@@ -53,9 +66,10 @@ class NetBenchError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class NetResult:
-    """Frames the backend took off testpmd's transmit ring, per second of forwarding."""
+    """One run: frames per second of forwarding as the mode counts them (see the module)."""
 
     backend: str
+    mode: str
     frame_size: int
     mpps: float
     gbps: float
@@ -112,13 +126,15 @@ def _backend(kind: str, sock: Path, cpu: int, other_cpu: int, log: Path) -> Iter
         _stop(proc, signal.SIGINT if kind == "dpdk" else signal.SIGTERM)
 
 
-def _frontend(sock: Path, size: int, seconds: float, cpu: int, other_cpu: int) -> tuple[str, float]:
-    """Run testpmd txonly for ``seconds`` of forwarding; its output and the forwarding time."""
+def _frontend(
+    sock: Path, mode: str, size: int, seconds: float, *, cpu: int, other_cpu: int
+) -> tuple[str, float]:
+    """Run testpmd in ``mode`` for ``seconds`` of forwarding; its output and the time."""
     # Line-buffered, so "Press enter to exit" (forwarding started) is seen when it is printed.
     argv = ["stdbuf", "-oL", TESTPMD, "-l", f"{other_cpu},{cpu}", "--main-lcore", str(other_cpu)]
     argv += [*_EAL, "--file-prefix", f"pvbus-fe-{os.getpid()}"]
     argv += ["--vdev", f"net_virtio_user0,path={sock},queues=1", "--"]
-    argv += ["--forward-mode=txonly", f"--txpkts={size}", "-a", *_PMD]
+    argv += [f"--forward-mode={MODES[mode]}", f"--txpkts={size}", "-a", *_PMD]
     # testpmd exits at end of input ("Press enter to exit"): give it a stdin that stays open.
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -162,6 +178,7 @@ def run_net_bench(
     size: int = 64,
     seconds: float = 5.0,
     *,
+    mode: str = "tx",
     frontend_cpu: int = 1,
     backend_cpu: int = 0,
 ) -> NetResult:
@@ -170,41 +187,72 @@ def run_net_bench(
         raise NetBenchError(f"{TESTPMD} not found (Debian: apt-get install dpdk-dev)")
     if not 60 <= size <= 1518:
         raise ValueError(f"frame size {size} is not in 60..1518")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
     with tempfile.TemporaryDirectory(prefix="pvbus-bench-net-") as tmp:
         sock = Path(tmp) / "net.sock"
         log = Path(tmp) / "backend.log"
         try:
             with _backend(backend, sock, backend_cpu, frontend_cpu, log):
-                out, elapsed = _frontend(sock, size, seconds, frontend_cpu, backend_cpu)
+                out, elapsed = _frontend(
+                    sock, mode, size, seconds, cpu=frontend_cpu, other_cpu=backend_cpu
+                )
         except NetBenchError as err:
             tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
             raise NetBenchError(f"{err}\nbackend log:\n{tail}") from err
-    found = _TOTAL.findall(out)
+    found = (_TX_TOTAL if mode == "tx" else _RX_TOTAL).findall(out)
     if not found:
         raise NetBenchError(f"no totals in testpmd's output:\n{out[-800:]}")
-    tx = int(found[-1])
-    pps = tx / elapsed
-    return NetResult(backend, size, pps / 1e6, pps * size * 8 / 1e9, tx, elapsed)
+    frames = int(found[-1])
+    pps = frames / elapsed
+    return NetResult(backend, mode, size, pps / 1e6, pps * size * 8 / 1e9, frames, elapsed)
+
+
+def median_result(runs: list[NetResult]) -> NetResult:
+    """The run with the median rate (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda r: r.mpps)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def main(args: Any) -> int:
-    """``pvbus bench net``: each backend at each frame size, as a table or JSON."""
+    """``pvbus bench net``: each mode, frame size and backend, ``--repeat`` times interleaved;
+    the medians as a table (with pvbus over DPDK) or JSON (every run)."""
     backends = BACKENDS if args.backend == "both" else (args.backend,)
-    results: list[NetResult] = []
-    for size in args.size or [64, 1500]:
-        for backend in backends:
-            try:
-                result = run_net_bench(backend, size, args.seconds)
-            except (NetBenchError, ValueError) as err:
-                print(f"pvbus: bench net: {err}", file=sys.stderr)
-                return 1
-            results.append(result)
-            if not args.json:
-                print(
-                    f"{backend:6} {size:5} B  {result.mpps:8.3f} Mpps  {result.gbps:7.3f} Gbit/s"
-                    f"  ({result.frames} frames in {result.seconds:.1f} s)",
-                    flush=True,
-                )
+    modes = tuple(MODES) if args.mode == "both" else (args.mode,)
+    runs: list[NetResult] = []
+    table: list[tuple[str, int, dict[str, NetResult]]] = []
+    for mode in modes:
+        for size in args.size or [64, 1500]:
+            per_backend: dict[str, list[NetResult]] = {b: [] for b in backends}
+            for _ in range(args.repeat):
+                for backend in backends:
+                    try:
+                        result = run_net_bench(backend, size, args.seconds, mode=mode)
+                    except (NetBenchError, ValueError) as err:
+                        print(f"pvbus: bench net: {err}", file=sys.stderr)
+                        return 1
+                    per_backend[backend].append(result)
+                    runs.append(result)
+                    if not args.json:
+                        print(
+                            f"  {mode:4} {backend:5} {size:5} B  {result.mpps:7.3f} Mpps"
+                            f"  {result.gbps:7.2f} Gbit/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            table.append((mode, size, {b: median_result(r) for b, r in per_backend.items()}))
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
+        print(json.dumps([r.as_dict() for r in runs], indent=2))
+        return 0
+    print(f"median of {args.repeat} run(s) of {args.seconds:g} s each")
+    head = f"{'mode':4} {'frame':>6} " + " ".join(
+        f"{b + ' Mpps':>11} {b + ' Gbit/s':>13}" for b in backends
+    )
+    print(head + ("  pvbus/dpdk" if len(backends) == 2 else ""))
+    for mode, size, medians in table:
+        cells = " ".join(f"{medians[b].mpps:11.3f} {medians[b].gbps:13.2f}" for b in backends)
+        ratio = ""
+        if len(backends) == 2 and medians["dpdk"].mpps > 0:
+            ratio = f"  {100 * medians['pvbus'].mpps / medians['dpdk'].mpps:9.0f} %"
+        print(f"{mode:4} {size:5}B {cells}{ratio}")
     return 0

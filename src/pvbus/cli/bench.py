@@ -48,6 +48,14 @@ def register(sub: Any) -> None:
     net.add_argument("--backend", choices=("pvbus", "dpdk", "both"), default="both")
     net.add_argument("--size", type=int, action="append", help="frame size (64 and 1500)")
     net.add_argument("--seconds", type=float, default=5.0, help="seconds per run (5)")
+    net.add_argument(
+        "--mode",
+        choices=("tx", "loop", "both"),
+        default="both",
+        help="tx: frames taken off testpmd's txonly ring; loop: frames back at testpmd "
+        "(flowgen) after a round trip; both (default)",
+    )
+    net.add_argument("--repeat", type=int, default=3, help="runs per case; the median (3)")
     net.add_argument("--json", action="store_true", help="print JSON instead of a table")
     net.set_defaults(handler=lambda a: __import__("pvbus.bench.net", fromlist=["main"]).main(a))
 
