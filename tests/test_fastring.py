@@ -224,3 +224,58 @@ def test_c_refuses_bad_arguments() -> None:
         _fastring.publish_used(bytes(64), 4, 0, b"\0\0", 0)
     with pytest.raises(ValueError):
         _fastring.publish_used(bytearray(64), 4, 0, b"\0", 0)  # half a head
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    rings(),
+    st.lists(st.sampled_from([b"", b"\x01" * 14, b"\x02" * 60, b"\x03" * 1514]), max_size=40),
+    st.sampled_from([b"", bytes(12), b"\x09" * 10]),
+    st.integers(0, 0xFFFF),
+)
+def test_c_and_python_fill_the_same(
+    ring_args: tuple[int, Descs, list[int], int, int, bytes],
+    frames: list[bytes],
+    prefix: bytes,
+    next_used: int,
+) -> None:
+    size, descs, heads, next_avail, ahead, fill = ring_args
+    results = []
+    for fast in (True, False):
+        ring = Ring(size)
+        _fill(ring, descs, heads, (next_avail + ahead) & 0xFFFF, fill)
+        ring.queue.set_base(next_avail)
+        ring.queue.next_used = next_used
+        with _implementation(fast):
+            count = ring.queue.fill_frames(ring.mem, frames, prefix)
+        q = ring.queue
+        results.append((count, q.next_avail, q.next_used, bytes(ring.low), bytes(ring.high)))
+    assert results[0] == results[1]
+
+
+def test_fill_frames_places_in_order_and_stops_at_what_does_not_fit(python_only: None) -> None:
+    _fill_story()
+
+
+@needs_c
+def test_fill_frames_story_in_c() -> None:
+    _fill_story()
+
+
+def _fill_story() -> None:
+    ring = Ring(8)
+    q = ring.queue
+    bufs = [(HIGH, 100, VIRTQ_DESC_F_WRITE), (HIGH + 0x100, 100, VIRTQ_DESC_F_WRITE),
+            (HIGH + 0x200, 20, VIRTQ_DESC_F_WRITE)]  # fmt: skip
+    _fill(ring, bufs, [0, 1, 2], 3, b"")
+    frames = [b"A" * 60, b"B" * 60, b"C" * 60, b"D" * 60]
+    assert q.fill_frames(ring.mem, frames, b"H" * 12) == 2  # the third chain is too small
+    assert ring.high[:72] == b"H" * 12 + b"A" * 60
+    assert ring.high[0x100 : 0x100 + 72] == b"H" * 12 + b"B" * 60
+    used = q.used_addr - LOW
+    assert struct.unpack_from("<HHIIII", ring.low, used) == (0, 2, 0, 72, 1, 72)
+    assert (q.next_avail, q.next_used) == (2, 2)
+    chain = q.pop(ring.mem)  # the one left is there for the general path
+    assert chain is not None and chain.head == 2
+    assert q.fill_frames(ring.mem, [], b"") == 0

@@ -16,4 +16,16 @@ def pop_frames(
     zero_prefix: int,
     /,
 ) -> tuple[list[memoryview], bytes, int]: ...
+def fill_frames(
+    desc: Buffer,
+    avail: Buffer,
+    used: Buffer,
+    size: int,
+    next_avail: int,
+    next_used: int,
+    regions: tuple[tuple[int, int, memoryview], ...],
+    frames: list[bytes],
+    prefix: Buffer,
+    /,
+) -> tuple[int, int, int]: ...
 def publish_used(used: Buffer, size: int, next_used: int, heads: Buffer, length: int, /) -> int: ...

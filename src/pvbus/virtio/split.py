@@ -381,6 +381,49 @@ class SplitQueue:
         self.next_avail = (nxt + len(heads)) & 0xFFFF
         return views, heads.tobytes()
 
+    def fill_frames(self, mem: GuestMemory, frames: list[bytes], prefix: bytes = b"") -> int:
+        """Copy ``prefix`` + frame into the next available chain for each of ``frames``, in
+        order, while that chain is one device-writable buffer with room for it; publish the
+        used entries once after all of them (section 2.7.8). Returns how many were placed.
+
+        The first frame that does not fit so leaves its chain available for :meth:`pop`.
+        With inflight tracking or chains to resubmit, it places nothing. In C where built.
+        """
+        if mem is not self._mem:
+            self._bind(mem)
+        if self._resubmit or self.inflight is not None or not frames:
+            return 0
+        if _fastring is not None:
+            count, self.next_avail, self.next_used = _fastring.fill_frames(
+                self._desc, self._avail, self._used, self.size, self.next_avail,
+                self.next_used, mem.table, frames, prefix,
+            )  # fmt: skip
+            return count
+        size = self.size
+        nxt = self.next_avail
+        n = (_u16_unpack(self._avail, 2)[0] - nxt) & 0xFFFF
+        ring = self._avail.cast("H")
+        used: list[tuple[int, int]] = []
+        for frame in frames[: n if n <= size else 0]:
+            head: int = ring[2 + (nxt + len(used)) % size]
+            if head >= size:
+                break
+            addr, length, flags, _ = _desc_unpack(self._desc, 16 * head)
+            need = len(prefix) + len(frame)
+            if flags != VIRTQ_DESC_F_WRITE or need > length:
+                break
+            try:
+                view = mem.translate(addr, need)
+            except GuestMemoryError:
+                break
+            view[: len(prefix)] = prefix
+            view[len(prefix) :] = frame
+            used.append((head, need))
+        self.next_avail = (nxt + len(used)) & 0xFFFF
+        if used:
+            self.add_used_many(mem, used)
+        return len(used)
+
     def add_used_heads(self, mem: GuestMemory, heads: bytes, length: int = 0) -> None:
         """Return the chains ``heads`` (from :meth:`pop_frames`), ``length`` bytes written to
         each, publishing the used index once after all of them (section 2.7.8)."""
