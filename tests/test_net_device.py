@@ -775,3 +775,39 @@ def test_receive_burst_with_filter_and_no_room() -> None:
         assert [f for _, f in rig.received()] == mine[2:]
     finally:
         rig.close()
+
+
+def test_loopback_fills_whole_buffers_then_merges_in_order() -> None:
+    """The fill loop (SplitQueue.fill_frames) places frames while each fits one buffer; the
+    first that needs merged buffers goes the general way, and order holds across both."""
+    rig = Rig(NetConfig(mac=MAC), backend=LoopbackBackend(limit=100), queue_size=128)
+    try:
+        sent = [frame(MAC, PEER, bytes([i]) * 100) for i in range(10)]
+        for f in sent:
+            rig.q[1].send([bytes(HDR_LEN) + f], publish=False)
+        rig.q[1].publish()
+        rig.dev.process(1)
+        # Four big buffers, then small ones a frame needs two of, then big ones again.
+        rig.post_rx([2048] * 4 + [64] * 6 + [2048] * 8)
+        rig.reactor.fire()
+        got = rig.received()
+        assert [f for _, f in got] == sent
+        assert [NET_HDR.unpack(h)[-1] for h, _ in got] == [1] * 4 + [2] * 3 + [1] * 3
+        stats = rig.dev.stats
+        assert (stats.rx_frames, stats.rx_bytes) == (10, sum(map(len, sent)))
+        assert rig.interrupts.count(0) >= 1
+    finally:
+        rig.close()
+
+
+def test_loopback_peek_and_consume() -> None:
+    backend = LoopbackBackend(limit=8)
+    try:
+        assert backend.peek_burst(4) == []
+        backend.send_burst([b"a" * 20, b"b" * 20, b"c" * 20])
+        assert backend.peek_burst(2) == [b"a" * 20, b"b" * 20]
+        assert backend.peek_burst(9) == [b"a" * 20, b"b" * 20, b"c" * 20]  # still waiting
+        backend.consume(2)
+        assert backend.peek_burst(9) == [b"c" * 20]
+    finally:
+        backend.close()

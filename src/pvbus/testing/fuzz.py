@@ -6,7 +6,7 @@ may leak.
 
 ``rings``: a descriptor table, available ring and queue parameters written into guest memory
 that sits between two PROT_NONE guard pages, processed by virtio-blk and then by the split
-ring's common-case loop (``SplitQueue.pop_frames``, in C where built). Only QueueError may
+ring's common-case loops (``SplitQueue.pop_frames`` and ``fill_frames``, in C where built). Only QueueError may
 come out; an access outside guest memory would fault on a guard page and crash the run.
 
 Run as ``pvbus fuzz TARGET --runs N`` (or ``python -m pvbus.testing.fuzz TARGET -runs=N``).
@@ -85,6 +85,10 @@ class GuardedGuest:
         self.mem = GuestMemory([MemoryRegion.from_buffer(GUEST_BASE, self.view)])
 
 
+#: Frames the rings target copies into whatever receive chains the ring offers.
+_FRAMES = [bytes([i]) * (14 + 97 * i) for i in range(12)]
+
+
 class RingTarget:
     """Fuzz target ``rings``."""
 
@@ -123,6 +127,7 @@ class RingTarget:
             self.guest.mem, 1024, skip=12, min_len=26, max_len=1526, zero_prefix=2
         )
         queue.add_used_heads(self.guest.mem, heads)
+        queue.fill_frames(self.guest.mem, _FRAMES, bytes(12))
         queue.unbind()
 
 

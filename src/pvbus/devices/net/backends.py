@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import select
 import socket
@@ -79,6 +80,20 @@ class NetBackend(Protocol):
 
     def close(self) -> None:
         """Release the fd."""
+
+
+class PeekBackend(NetBackend, Protocol):
+    """A backend whose waiting frames the device can look at before taking them (optional).
+
+    The device copies a burst of them straight into receive buffers
+    (:meth:`~pvbus.virtio.split.SplitQueue.fill_frames`) and then takes as many as it placed.
+    """
+
+    def peek_burst(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` waiting frames, oldest first, still waiting afterwards."""
+
+    def consume(self, count: int) -> None:
+        """Take the ``count`` oldest waiting frames."""
 
 
 class BurstBackend(NetBackend, Protocol):
@@ -355,6 +370,16 @@ class LoopbackBackend:
             self._armed = True
             os.eventfd_write(self.fd, 1)
         return True
+
+    def peek_burst(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` waiting frames, oldest first, left waiting (see :meth:`consume`)."""
+        return list(itertools.islice(self._frames, limit))
+
+    def consume(self, count: int) -> None:
+        """Drop the ``count`` oldest frames (the device placed them)."""
+        popleft = self._frames.popleft
+        for _ in range(count):
+            popleft()
 
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """Queue the frames that fit, in order; the others are dropped without a copy."""

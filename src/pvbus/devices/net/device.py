@@ -28,9 +28,10 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import cast
 
 from pvbus.devices.base import COMMON_FEATURES, DRAIN_WEIGHT, VirtioDevice
-from pvbus.devices.net.backends import BackendClosedError, NetBackend
+from pvbus.devices.net.backends import BackendClosedError, NetBackend, PeekBackend
 from pvbus.devices.net.frames import (
     BROADCAST,
     ETH_HLEN,
@@ -113,6 +114,8 @@ _TX_BURST = 64
 _TX_FRAMES = 256
 #: Most receive chains taken from the ring at a time.
 _RX_BURST = 64
+#: Frames copied into receive buffers per SplitQueue.fill_frames call.
+_RX_FILL = 256
 #: The header of a received frame in one buffer: no offloads, num_buffers 1 (5.1.6.4).
 _RX_HEADER = NET_HDR.pack(0, GSO_NONE, 0, 0, 0, 0, 1)
 _STEERING_ENTRIES = 4096
@@ -525,6 +528,8 @@ class NetDevice(VirtioDevice):
             and len(ready) == 1
             and self.queues[ready[0]].inflight is None
         ):
+            if self.promisc and hasattr(backend, "peek_burst"):
+                self._fill_burst(cast(PeekBackend, backend), ready[0], touched)
             self._receive_burst(backend, ready[0], touched)
         elif backend is not None:
             scratch = self._scratch_view
@@ -551,6 +556,27 @@ class NetDevice(VirtioDevice):
             self._stop_reading()
         for index in touched:
             self.signal(index)
+
+    def _fill_burst(self, backend: PeekBackend, index: int, touched: set[int]) -> None:
+        """The receive loop's common case, a burst per call and no per-frame Python: frames
+        that each fit the one device-writable buffer of the next chain are copied there behind
+        their header (num_buffers 1, 5.1.6.4) by :meth:`SplitQueue.fill_frames` (C where
+        built). It stops at the first frame that does not fit so; :meth:`_receive_burst` then
+        takes that one and the rest, the general way. Only with no filter (promiscuous)."""
+        queue = self.queues[index]
+        mem = self.mem
+        header = _RX_HEADER if self.hdr_len == HDR_LEN else bytes(self.hdr_len)
+        stats = self.stats
+        for _ in range(DRAIN_WEIGHT // _RX_FILL):
+            frames = backend.peek_burst(_RX_FILL)
+            placed = queue.fill_frames(mem, frames, header) if frames else 0
+            if placed:
+                backend.consume(placed)
+                stats.rx_frames += placed
+                stats.rx_bytes += sum(map(len, frames[:placed] if placed < len(frames) else frames))
+                touched.add(index)
+            if placed < _RX_FILL:
+                return
 
     def _receive_burst(self, backend: NetBackend, index: int, touched: set[int]) -> None:
         """The receive loop of :meth:`_pump` for one receive queue, without per-frame calls.
