@@ -6,8 +6,9 @@ may leak.
 
 ``rings``: a descriptor table, available ring and queue parameters written into guest memory
 that sits between two PROT_NONE guard pages, processed by virtio-blk and then by the split
-ring's common-case loops (``SplitQueue.pop_frames`` and ``fill_frames``, in C where built). Only QueueError may
-come out; an access outside guest memory would fault on a guard page and crash the run.
+ring's common-case loops (``SplitQueue.pop_frames`` and ``fill_frames``, in C where built).
+Only QueueError may come out; an access outside guest memory would fault on a guard page and
+crash the run.
 
 Run as ``pvbus fuzz TARGET --runs N`` (or ``python -m pvbus.testing.fuzz TARGET -runs=N``).
 """
