@@ -11,6 +11,7 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -109,3 +110,12 @@ def test_script_on_stdin_runs_as_the_command(guest: GuestImage) -> None:
     )  # fmt: skip
     assert out.returncode == 3, out.stderr[-600:]
     assert out.stdout == b"piped-42\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_stops_the_guest_and_its_backends(term: Terminal, sig: int) -> None:
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) must not leave QEMU or backends behind.
+    term.expect(b"pvbus:~# ")
+    term.proc.send_signal(sig)
+    assert term.proc.wait(30) == 128 + sig
+    assert not term.leftovers()

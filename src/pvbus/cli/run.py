@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -130,6 +131,13 @@ def shell_in_guest(config: VmConfig, boot_timeout: float) -> int:
 
 @contextlib.contextmanager
 def _vm_errors() -> Iterator[None]:
+    """Failures as one-line :class:`CliError` s; SIGTERM and SIGHUP (the terminal went away)
+    unwind like Ctrl-C, so the VM and its backends are stopped on the way out."""
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, unwind) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     except GuestBuildError as err:
@@ -143,6 +151,9 @@ def _vm_errors() -> Iterator[None]:
         raise CliError(str(err)) from err
     except VmError as err:
         raise CliError(str(err)) from err
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress(msg: str) -> None:
