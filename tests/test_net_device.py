@@ -811,3 +811,27 @@ def test_loopback_peek_and_consume() -> None:
         assert backend.peek_burst(9) == [b"c" * 20]
     finally:
         backend.close()
+
+
+def test_loopback_frames_wait_in_the_backend_until_buffers_come() -> None:
+    backend = LoopbackBackend(limit=100)
+    rig = Rig(NetConfig(mac=MAC), backend=backend, queue_size=128)
+    try:
+        sent = [frame(MAC, PEER, bytes([i]) * 80) for i in range(6)]
+        for f in sent:
+            rig.q[1].send([bytes(HDR_LEN) + f], publish=False)
+        rig.q[1].publish()
+        rig.dev.process(1)
+        rig.post_rx([2048] * 2)
+        rig.reactor.fire()
+        assert [f for _, f in rig.received()] == sent[:2]
+        # No buffers left: the rest stay in the backend, nothing read only to be held.
+        assert backend.peek_burst(10) == sent[2:]
+        assert backend.fileno() not in rig.reactor.readers
+        rig.post_rx([2048] * 8)
+        rig.dev.process(0)  # the driver's kick
+        assert [f for _, f in rig.received()] == sent[2:]
+        assert backend.peek_burst(10) == []
+        assert rig.dev.stats.rx_frames == 6
+    finally:
+        rig.close()

@@ -116,6 +116,9 @@ _TX_FRAMES = 256
 _RX_BURST = 64
 #: Frames copied into receive buffers per SplitQueue.fill_frames call.
 _RX_FILL = 256
+#: What NetDevice._fill_burst leaves to do: the general receive path, come back, or wait for
+#: the driver's buffers.
+_FILL_GENERAL, _FILL_MORE, _FILL_STARVED = range(3)
 #: The header of a received frame in one buffer: no offloads, num_buffers 1 (5.1.6.4).
 _RX_HEADER = NET_HDR.pack(0, GSO_NONE, 0, 0, 0, 0, 1)
 _STEERING_ENTRIES = 4096
@@ -512,6 +515,7 @@ class NetDevice(VirtioDevice):
             self._stop_reading()
             return
         touched: set[int] = set()
+        starved = False
         pending = self._pending
         if pending is not None:
             index = self._deliver(memoryview(pending))
@@ -528,9 +532,14 @@ class NetDevice(VirtioDevice):
             and len(ready) == 1
             and self.queues[ready[0]].inflight is None
         ):
+            filled = _FILL_GENERAL
             if self.promisc and hasattr(backend, "peek_burst"):
-                self._fill_burst(cast(PeekBackend, backend), ready[0], touched)
-            self._receive_burst(backend, ready[0], touched)
+                filled = self._fill_burst(cast(PeekBackend, backend), ready[0], touched)
+            starved = filled == _FILL_STARVED
+            if filled == _FILL_GENERAL:
+                # The frames fill_frames could not place, or (with none left) the backend's
+                # "nothing waiting", which disarms its wake-up.
+                self._receive_burst(backend, ready[0], touched)
         elif backend is not None:
             scratch = self._scratch_view
             budget = _RX_BUDGET
@@ -550,19 +559,26 @@ class NetDevice(VirtioDevice):
                     break
                 if index >= 0:
                     touched.add(index)
-        if self._pending is None:
+        if self._pending is None and not starved:
             self._start_reading()
         else:
-            self._stop_reading()
+            self._stop_reading()  # until the driver's kick brings receive buffers
         for index in touched:
             self.signal(index)
 
-    def _fill_burst(self, backend: PeekBackend, index: int, touched: set[int]) -> None:
+    def _fill_burst(self, backend: PeekBackend, index: int, touched: set[int]) -> int:
         """The receive loop's common case, a burst per call and no per-frame Python: frames
         that each fit the one device-writable buffer of the next chain are copied there behind
         their header (num_buffers 1, 5.1.6.4) by :meth:`SplitQueue.fill_frames` (C where
         built). It stops at the first frame that does not fit so; :meth:`_receive_burst` then
-        takes that one and the rest, the general way. Only with no filter (promiscuous)."""
+        takes that one and the rest, the general way. Only with no filter (promiscuous).
+
+        Returns :data:`_FILL_GENERAL` when the general path is to go on (a frame that does not
+        fit one buffer, or the backend ran dry), :data:`_FILL_MORE` after a full budget (the
+        loop comes back: the backend is still readable), or :data:`_FILL_STARVED` when the
+        ring ran out of chains with frames still waiting: they stay in the backend, and the
+        driver is asked for a kick when it adds buffers (2.7.10).
+        """
         queue = self.queues[index]
         mem = self.mem
         header = _RX_HEADER if self.hdr_len == HDR_LEN else bytes(self.hdr_len)
@@ -575,8 +591,18 @@ class NetDevice(VirtioDevice):
                 stats.rx_frames += placed
                 stats.rx_bytes += sum(map(len, frames[:placed] if placed < len(frames) else frames))
                 touched.add(index)
-            if placed < _RX_FILL:
-                return
+            if placed == len(frames):
+                if placed < _RX_FILL:
+                    return _FILL_GENERAL  # the backend ran dry
+                continue
+            if queue.avail_idx(mem) == queue.next_avail:  # out of receive chains
+                if not _want_kick(queue, mem):
+                    return _FILL_STARVED
+                continue  # buffers came meanwhile
+            if not placed:
+                return _FILL_GENERAL  # a frame or a chain the general path must take
+            # Stopped short with chains there: the driver added them meanwhile; go on.
+        return _FILL_MORE
 
     def _receive_burst(self, backend: NetBackend, index: int, touched: set[int]) -> None:
         """The receive loop of :meth:`_pump` for one receive queue, without per-frame calls.
