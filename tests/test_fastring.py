@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -97,12 +96,6 @@ def _implementation(fast: bool) -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext() if fast else mock.patch.object(split, "_fastring", None)
 
 
-@pytest.fixture
-def python_only() -> Iterator[None]:
-    with _implementation(False):
-        yield
-
-
 def _pop(ring: Ring, limit: int, **kw: int) -> tuple[list[tuple[int, bytes]], bytes, int]:
     views, heads = ring.queue.pop_frames(ring.mem, limit, **kw)  # type: ignore[arg-type]
     where = []
@@ -150,13 +143,13 @@ def test_c_and_python_pop_the_same(
     assert results[0] == results[1]
 
 
-def test_pop_frames_takes_the_simple_chains_and_stops_at_the_rest(python_only: None) -> None:
-    _pop_frames_story()
+IMPLEMENTATIONS = [pytest.param(True, marks=needs_c, id="c"), pytest.param(False, id="python")]
 
 
-@needs_c
-def test_pop_frames_story_in_c() -> None:
-    _pop_frames_story()
+@pytest.mark.parametrize("fast", IMPLEMENTATIONS)
+def test_pop_frames_takes_the_simple_chains_and_stops_at_the_rest(fast: bool) -> None:
+    with _implementation(fast):
+        _pop_frames_story()
 
 
 def _pop_frames_story() -> None:
@@ -254,13 +247,10 @@ def test_c_and_python_fill_the_same(
     assert results[0] == results[1]
 
 
-def test_fill_frames_places_in_order_and_stops_at_what_does_not_fit(python_only: None) -> None:
-    _fill_story()
-
-
-@needs_c
-def test_fill_frames_story_in_c() -> None:
-    _fill_story()
+@pytest.mark.parametrize("fast", IMPLEMENTATIONS)
+def test_fill_frames_places_in_order_and_stops_at_what_does_not_fit(fast: bool) -> None:
+    with _implementation(fast):
+        _fill_story()
 
 
 def _fill_story() -> None:

@@ -127,6 +127,18 @@ read_desc(const unsigned char *table, uint16_t head, uint64_t *addr, uint32_t *l
     memcpy(flags, d + 12, 2);
 }
 
+/* The chain head in available slot `slot` and its descriptor; 0 if the head is out of range. */
+static int
+slot_desc(const unsigned char *ring, const unsigned char *table, unsigned int size,
+          unsigned int slot, uint16_t *head, uint64_t *addr, uint32_t *len, uint16_t *flags)
+{
+    memcpy(head, ring + 4 + 2 * (slot % size), 2);
+    if (*head >= size)
+        return 0;
+    read_desc(table, *head, addr, len, flags);
+    return 1;
+}
+
 /* Entries available past next_avail (0 for an index more than a queue ahead). */
 static unsigned int
 available(const unsigned char *ring, unsigned int size, unsigned int next_avail)
@@ -183,10 +195,8 @@ pop_frames(PyObject *self, PyObject *args)
         uint16_t head, flags;
         uint64_t addr;
         uint32_t len;
-        memcpy(&head, ring + 4 + 2 * ((next_avail + i) % size), 2);
-        if (head >= size)
+        if (!slot_desc(ring, desc.buf, size, next_avail + i, &head, &addr, &len, &flags))
             break;
-        read_desc(desc.buf, head, &addr, &len, &flags);
         if (flags != want || len < min_len || len > max_len)
             break;
         region_t *reg = find_region(regions, nregions, &last, addr, len);
@@ -282,10 +292,9 @@ fill_frames(PyObject *self, PyObject *args)
         uint16_t head, flags;
         uint64_t addr;
         uint32_t len;
-        memcpy(&head, ring + 4 + 2 * ((next_avail + i) % size), 2);
-        if (head >= size)
+        if (!slot_desc(ring, desc.buf, size, next_avail + (unsigned int)i, &head, &addr, &len,
+                       &flags))
             break;
-        read_desc(desc.buf, head, &addr, &len, &flags);
         if (flags != 2 /* VIRTQ_DESC_F_WRITE alone */)
             break;
         Py_buffer frame;
