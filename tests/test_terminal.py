@@ -10,12 +10,9 @@ import socket
 import termios
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from pvbus.vm.guest import command_archive
-from pvbus.vm.qemu import VmConfig, VmPaths, qemu_argv
 from pvbus.vm.terminal import ESCAPE, TerminalRelay, raw_terminal, terminal_size
 
 
@@ -121,22 +118,3 @@ def test_raw_terminal_and_size_leave_pipes_alone() -> None:
     finally:
         os.close(r)
         os.close(w)
-
-
-def test_interactive_archive_and_qemu_console() -> None:
-    archive = command_archive(None, "M", term="xterm-256color", size=(40, 120))
-    assert b"pvbus/interactive" in archive and b"pvbus/cmd" not in archive
-    assert b"TERM=xterm-256color\nrows=40\ncols=120\n" in archive
-    assert b"TERM='x; reboot'" in command_archive(None, "M", term="x; reboot")
-    base = VmPaths(
-        kernel=Path("/k"),
-        initrd=Path("/i"),
-        console_log=Path("/w/console.log"),
-        output_socket=Path("/w/out.sock"),
-        qmp_socket=Path("/w/qmp.sock"),
-    )
-    assert "virtconsole" not in " ".join(qemu_argv(VmConfig(), base, "tcg"))
-    with_console = dataclasses.replace(base, console_socket=Path("/w/hvc0.sock"))
-    argv = qemu_argv(VmConfig(), with_console, "tcg")
-    assert "socket,id=pvbusterm,path=/w/hvc0.sock,server=on,wait=off" in argv
-    assert "virtconsole,bus=vser.0,chardev=pvbusterm" in argv

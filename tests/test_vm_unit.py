@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import lzma
 import shutil
 import struct
@@ -338,3 +339,16 @@ def test_net_device_spec_renders_a_vhost_user_netdev(transport: str, device: str
     argv = serve_argv(spec, Path("/w/dev1.sock"))
     assert argv[argv.index("serve") + 1] == "net"
     assert argv[argv.index("--switch") + 1] == "/run/sw.sock"
+
+
+def test_interactive_archive_and_qemu_console() -> None:
+    archive = command_archive(None, "M", term="xterm-256color", size=(40, 120))
+    assert b"pvbus/interactive" in archive and b"pvbus/cmd" not in archive
+    assert b"TERM=xterm-256color\nrows=40\ncols=120\n" in archive
+    assert b"TERM='x; reboot'" in command_archive(None, "M", term="x; reboot")
+    base = paths(0)
+    assert "virtconsole" not in " ".join(qemu_argv(VmConfig(), base, "tcg"))
+    with_console = dataclasses.replace(base, console_socket=Path("/w/hvc0.sock"))
+    argv = qemu_argv(VmConfig(), with_console, "tcg")
+    assert "socket,id=pvbusterm,path=/w/hvc0.sock,server=on,wait=off" in argv
+    assert "virtconsole,bus=vser.0,chardev=pvbusterm" in argv
