@@ -100,6 +100,9 @@ def _pop(ring: Ring, limit: int, **kw: int) -> tuple[list[tuple[int, bytes]], by
     views, heads = ring.queue.pop_frames(ring.mem, limit, **kw)  # type: ignore[arg-type]
     where = []
     for view in views:
+        if isinstance(view, bytes):  # a copy (copy=True): its bytes are what matters
+            where.append((-2, view))
+            continue
         # Where the view points: write a marker through it and find it in guest memory.
         if len(view) == 0:
             where.append((-1, b""))
@@ -122,6 +125,7 @@ OPTIONS = st.fixed_dictionaries(
         "max_len": st.sampled_from([1526, 2**32 - 1]),
         "zero_prefix": st.sampled_from([0, 2]),
         "write": st.sampled_from([0, 1]),
+        "copy": st.sampled_from([0, 1]),
     }
 )
 

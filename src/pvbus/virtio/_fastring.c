@@ -5,14 +5,15 @@
  * has the same semantics (and is what runs where this module is not built):
  *
  *   pop_frames(desc, avail, size, next_avail, limit, want, regions,
- *              skip, min_len, max_len, zero_prefix) -> (views, heads, next_avail)
+ *              skip, min_len, max_len, zero_prefix[, copy]) -> (views, heads, next_avail)
  *       Take available chains while each is ONE descriptor whose flags equal `want` (no
  *       NEXT, no INDIRECT), whose length is in [min_len, max_len], that lies in one guest
  *       memory region and whose first `zero_prefix` bytes are zero. Stop at the first chain
  *       that is anything else and leave it available: the Python code walks it and reports
  *       what is wrong with it. `views` are memoryviews of each buffer past its first `skip`
- *       bytes (slices of the region's memoryview, so they keep the mapping alive); `heads`
- *       is the chains' head indices as native uint16s.
+ *       bytes (slices of the region's memoryview, so they keep the mapping alive), or with
+ *       `copy` bytes objects holding a copy (for a backend that keeps frames after their
+ *       chains are returned); `heads` is the chains' head indices as native uint16s.
  *
  *   fill_frames(desc, avail, used, size, next_avail, next_used, regions, frames, prefix)
  *       -> (count, next_avail, next_used)
@@ -156,8 +157,10 @@ pop_frames(PyObject *self, PyObject *args)
     PyObject *desc_obj, *avail_obj, *regions_obj;
     unsigned int size, next_avail, limit, want, skip, zero_prefix;
     unsigned long long min_len, max_len;
-    if (!PyArg_ParseTuple(args, "OOIIIIOIKKI", &desc_obj, &avail_obj, &size, &next_avail,
-                          &limit, &want, &regions_obj, &skip, &min_len, &max_len, &zero_prefix))
+    int copy = 0;
+    if (!PyArg_ParseTuple(args, "OOIIIIOIKKI|p", &desc_obj, &avail_obj, &size, &next_avail,
+                          &limit, &want, &regions_obj, &skip, &min_len, &max_len, &zero_prefix,
+                          &copy))
         return NULL;
     if (size == 0 || size > 32768 || next_avail > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "queue size or index out of range");
@@ -209,8 +212,9 @@ pop_frames(PyObject *self, PyObject *args)
             ;
         if (z < zero_prefix)
             break;
-        PyObject *view = PySequence_GetSlice(reg->buf, (Py_ssize_t)(off + skip),
-                                             (Py_ssize_t)(off + len));
+        PyObject *view =
+            copy ? PyBytes_FromStringAndSize((const char *)p + skip, (Py_ssize_t)(len - skip))
+                 : PySequence_GetSlice(reg->buf, (Py_ssize_t)(off + skip), (Py_ssize_t)(off + len));
         if (view == NULL)
             goto out;
         if (PyList_Append(views, view) < 0) {

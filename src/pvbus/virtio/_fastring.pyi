@@ -14,8 +14,9 @@ def pop_frames(
     min_len: int,
     max_len: int,
     zero_prefix: int,
+    copy: bool = False,
     /,
-) -> tuple[list[memoryview], bytes, int]: ...
+) -> tuple[list[memoryview] | list[bytes], bytes, int]: ...
 def fill_frames(
     desc: Buffer,
     avail: Buffer,

@@ -311,7 +311,8 @@ class SplitQueue:
         max_len: int = 0xFFFFFFFF,
         zero_prefix: int = 0,
         write: bool = False,
-    ) -> tuple[list[memoryview], bytes]:
+        copy: bool = False,
+    ) -> tuple[list[memoryview] | list[bytes], bytes]:
         """Take up to ``limit`` available chains while each is the common simple case.
 
         That is: one descriptor of the direction asked for (device-readable, or device-writable
@@ -320,10 +321,11 @@ class SplitQueue:
         asks for nothing, say). The first chain that is anything else stays available for
         :meth:`pop` / :meth:`pop_burst`, which walk it and raise what is wrong with it.
 
-        Returns views of the buffers past their first ``skip`` bytes and the heads as native
-        uint16s, for :meth:`add_used_heads`. With inflight tracking, or chains to resubmit, it
-        takes nothing (the caller's general path handles those). The loop runs in C where
-        ``pvbus.virtio._fastring`` is built (:data:`FAST_RING`), else in Python, alike.
+        Returns views of the buffers past their first ``skip`` bytes (with ``copy``, ``bytes``
+        copies instead, for a consumer that keeps them after the chains are returned) and the
+        heads as native uint16s, for :meth:`add_used_heads`. With inflight tracking, or chains
+        to resubmit, it takes nothing (the caller's general path handles those). The loop runs
+        in C where ``pvbus.virtio._fastring`` is built (:data:`FAST_RING`), else in Python.
         """
         if mem is not self._mem:
             self._bind(mem)
@@ -334,13 +336,14 @@ class SplitQueue:
         if _fastring is not None:
             views, heads, self.next_avail = _fastring.pop_frames(
                 self._desc, self._avail, self.size, self.next_avail, limit, want,
-                mem.table, skip, min_len, max_len, zero_prefix,
+                mem.table, skip, min_len, max_len, zero_prefix, copy,
             )  # fmt: skip
             return views, heads
-        return self._pop_frames_py(
+        views, heads = self._pop_frames_py(
             mem, limit, want=want, skip=skip, min_len=min_len, max_len=max_len,
             zero_prefix=zero_prefix,
         )  # fmt: skip
+        return ([bytes(v) for v in views] if copy else views), heads
 
     def _pop_frames_py(
         self,

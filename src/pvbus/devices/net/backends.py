@@ -104,6 +104,10 @@ class BurstBackend(NetBackend, Protocol):
     part of the data path.
     """
 
+    #: Whether the backend holds on to frames after ``send_burst`` returns (then it is given
+    #: ``bytes`` copies rather than views of guest memory, which the driver reuses).
+    keeps_frames: bool
+
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """Send whole frames, one chunk each, in order; how many were sent.
 
@@ -337,6 +341,9 @@ class LoopbackBackend:
     Frames wait in a bounded queue behind an eventfd the device watches; when the queue is
     full (the driver does not receive), new frames are dropped.
     """
+
+    #: Frames wait in the queue after their chains are returned: copies, not views.
+    keeps_frames = True
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import cast
 
 from pvbus.devices.base import COMMON_FEATURES, DRAIN_WEIGHT, VirtioDevice
-from pvbus.devices.net.backends import BackendClosedError, NetBackend, PeekBackend
+from pvbus.devices.net.backends import BackendClosedError, Chunk, NetBackend, PeekBackend
 from pvbus.devices.net.frames import (
     BROADCAST,
     ETH_HLEN,
@@ -341,9 +341,12 @@ class NetDevice(VirtioDevice):
             send_burst = getattr(backend, "send_burst", None)
             if send_burst is not None and self.pairs == 1:
                 hdr_len = self.hdr_len
+                # A backend that keeps frames after their chains are returned gets copies
+                # made in the same pass; the others get views of guest memory.
                 frames, heads = queue.pop_frames(
                     mem, _TX_FRAMES, skip=hdr_len, min_len=hdr_len + ETH_HLEN,
                     max_len=hdr_len + MAX_FRAME, zero_prefix=2,
+                    copy=getattr(backend, "keeps_frames", False),
                 )  # fmt: skip
                 if frames:
                     self._send_batch(frames, send_burst)
@@ -380,9 +383,7 @@ class NetDevice(VirtioDevice):
         backend = self.backend
         fast = backend is not None and self.pairs == 1
         send = backend.send if backend is not None else _unsent
-        send_burst: Callable[[Sequence[memoryview]], int] | None = getattr(
-            backend, "send_burst", None
-        )
+        send_burst: Callable[[Sequence[Chunk]], int] | None = getattr(backend, "send_burst", None)
         batch: list[memoryview] = []
         translate = mem.translate
         transmit = self._transmit
@@ -427,7 +428,7 @@ class NetDevice(VirtioDevice):
             stats.tx_dropped += dropped
 
     def _send_batch(
-        self, batch: list[memoryview], send_burst: Callable[[Sequence[memoryview]], int] | None
+        self, batch: Sequence[Chunk], send_burst: Callable[[Sequence[Chunk]], int] | None
     ) -> None:
         """Hand ``batch`` to the backend's ``send_burst`` and count what it took and dropped."""
         assert send_burst is not None
