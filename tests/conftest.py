@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,3 +76,16 @@ def guest() -> GuestImage:
     if os.environ.get("CI"):
         pytest.fail(problem)
     pytest.skip(problem)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of the test's own (root and iproute2), deleted afterwards."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2")
+    name = f"pvbus-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -12,7 +12,6 @@ Link-local addresses only (169.254/16).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import socket
@@ -21,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,18 +158,6 @@ def test_two_guests_over_switch_pci_and_mmio(guest: GuestImage, tmp_path: Path) 
     assert sent and got, (a_out, b_out)
     assert got.group(2) == str(32 << 20)
     assert got.group(1) == sent.group(1)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
-    name = f"pvbus-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_guest_pings_host_over_tap(guest: GuestImage, tmp_path: Path, netns: str) -> None:

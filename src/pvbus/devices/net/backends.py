@@ -173,6 +173,23 @@ class TapBackend:
             raise BackendClosedError(f"tap {self.name}: {err.strerror}") from err
         return True
 
+    #: Frames are written before ``send_burst`` returns: views of guest memory will do.
+    keeps_frames = False
+
+    def send_burst(self, frames: Sequence[Chunk]) -> int:
+        """One write per frame, in order, until the tap refuses one (the rest are dropped)."""
+        sent = 0
+        for frame in frames:
+            try:
+                if not self.send((frame,)):
+                    break
+            except BackendClosedError:
+                if sent:
+                    break  # the next call reports it
+                raise
+            sent += 1
+        return sent
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -215,6 +232,27 @@ class SeqpacketBackend:
                 return False
             raise BackendClosedError(f"{self.name}: {err.strerror}") from err
         return True
+
+    #: Frames are sent before ``send_burst`` returns: views of guest memory will do.
+    keeps_frames = False
+
+    def send_burst(self, frames: Sequence[Chunk]) -> int:
+        """One message per frame, in order, until the socket is full (the rest are dropped)."""
+        send = self.sock.send
+        sent = 0
+        for frame in frames:
+            try:
+                send(frame)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno in (errno.EMSGSIZE, errno.ENOBUFS):
+                    break
+                if sent:
+                    break  # the next call reports it
+                raise BackendClosedError(f"{self.name}: {err.strerror}") from err
+            sent += 1
+        return sent
 
     def close(self) -> None:
         self.sock.close()
