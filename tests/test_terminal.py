@@ -118,3 +118,18 @@ def test_raw_terminal_and_size_leave_pipes_alone() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_terminal_that_hangs_up_ends_input_and_output_cleanly(wired: Wires) -> None:
+    w = wired
+    master, slave = pty.openpty()
+    os.close(slave)  # reading the master now fails with EIO, as when the terminal closes
+    relay = TerminalRelay(w.console, master, w.screen_w)
+    ticks = iter(range(3))
+    try:
+        assert relay.run(keep_going=lambda: next(ticks, None) is not None, tick=0.01) == "stopped"
+    finally:
+        os.close(master)
+    os.close(w.screen_r)  # nobody reads the screen any more: writing to it fails
+    w.guest.sendall(b"late output")
+    assert TerminalRelay(w.console, w.keys_r, w.screen_w).run() == "closed"

@@ -84,9 +84,15 @@ class TerminalRelay:
                     data = b""
                 if not data:
                     return "closed"
-                _write_all(self.out_fd, data)
+                try:
+                    _write_all(self.out_fd, data)
+                except OSError:  # the terminal is gone: nobody to show output to
+                    return "closed"
             if self.in_fd in ready:
-                keys = os.read(self.in_fd, 4096)
+                try:
+                    keys = os.read(self.in_fd, 4096)
+                except OSError:  # EIO: the terminal hung up
+                    keys = b""
                 if not keys:
                     reading_input = False
                     continue
