@@ -80,7 +80,8 @@ def _recv_until(sock: socket.socket, needle: bytes, timeout: float = 120) -> byt
 def test_console_echo_both_ways(guest: GuestImage, tmp_path: Path, transport: str) -> None:
     con, ctl = tmp_path / "con.sock", tmp_path / "ctl.sock"
     spec = DeviceSpec.console(f"socket:{con}", f"socket:{ctl},name=org.pvbus.test")
-    reason = unsupported_reason(spec, transport, "qemu-system-x86_64")
+    cfg = VmConfig(accel="tcg", transport=transport, devices=(spec,))
+    reason = unsupported_reason(spec, transport, cfg.qemu)  # $PVBUS_QEMU picks another QEMU
     if reason is not None:
         pytest.skip(reason)
     script = (
@@ -93,7 +94,6 @@ def test_console_echo_both_ways(guest: GuestImage, tmp_path: Path, transport: st
         'echo from-guest-port > "$port"; '
         "head -n 1 \"$port\" | sed 's/^/port got: /'"
     )
-    cfg = VmConfig(accel="tcg", transport=transport, devices=(spec,))
     (tmp_path / "vm").mkdir()
     with Vm(cfg, script, guest=guest, workdir=tmp_path / "vm") as vm:
         # The backend's sockets exist once the VM started: connect before the guest writes.

@@ -10,6 +10,7 @@ Guest RAM is a shared memfd so vhost-user backends can map it. Two transports:
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "DISK_BACKENDS",
     "MACHINES",
     "QBOOT",
+    "QEMU",
     "TRANSPORTS",
     "DiskSpec",
     "VmConfig",
@@ -40,6 +42,8 @@ DISK_BACKENDS = ("pvbus", "qsd")
 #: virtio-serial port if the guest cannot connect) or the virtio-serial port only.
 COMMAND_CHANNELS = ("vsock", "serial")
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+#: The QEMU binary looked up in PATH unless ``$PVBUS_QEMU`` names another.
+QEMU = "qemu-system-x86_64"
 
 _MICROVM = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off"
 
@@ -93,7 +97,8 @@ class VmConfig:
     #: Reconnect to a backend that went away, after this many ms (0: never). With pvbus's
     #: inflight tracking the guest then goes on without an I/O error.
     reconnect_ms: int = 200
-    qemu: str = "qemu-system-x86_64"
+    #: The QEMU binary: ``$PVBUS_QEMU`` if set (a QEMU of your own build), else from PATH.
+    qemu: str = field(default_factory=lambda: os.environ.get("PVBUS_QEMU", QEMU))
     extra_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
