@@ -88,11 +88,13 @@ def test_console_echo_both_ways(guest: GuestImage, tmp_path: Path, transport: st
         "for p in /sys/class/virtio-ports/*; do"
         ' [ "$(cat $p/name)" = org.pvbus.test ] && port=/dev/${p##*/}; done; '
         'echo "named port $port"; '
-        "stty -echo -icanon < /dev/hvc0 2>/dev/null; "
-        "echo from-guest-hvc0 > /dev/hvc0; "
-        "head -n 1 /dev/hvc0 | sed 's/^/hvc0 got: /'; "
-        'echo from-guest-port > "$port"; '
-        "head -n 1 \"$port\" | sed 's/^/port got: /'"
+        # Each port stays open from the write to the read of the answer, as a program using
+        # it would hold it: what arrives for a port nobody has open may be dropped (5.3.6.2).
+        "exec 4<>/dev/hvc0; stty -echo -icanon <&4 2>/dev/null; "
+        "echo from-guest-hvc0 >&4; "
+        "head -n 1 <&4 | sed 's/^/hvc0 got: /'; "
+        'exec 3<>"$port"; echo from-guest-port >&3; '
+        "head -n 1 <&3 | sed 's/^/port got: /'"
     )
     (tmp_path / "vm").mkdir()
     with Vm(cfg, script, guest=guest, workdir=tmp_path / "vm") as vm:
