@@ -29,7 +29,7 @@ import select
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pvbus.devices.net.frames import MAX_FRAME
@@ -116,6 +116,23 @@ class BurstBackend(NetBackend, Protocol):
         """
 
 
+def send_each(send: Callable[[Sequence[Chunk]], bool], frames: Sequence[Chunk]) -> int:
+    """:meth:`BurstBackend.send_burst` from a backend's one-frame ``send``: in order, until
+    ``send`` refuses a frame (it and the rest are dropped). A peer gone after some were sent
+    is left for the next call to report, so the count stays right."""
+    sent = 0
+    for frame in frames:
+        try:
+            if not send((frame,)):
+                break
+        except BackendClosedError:
+            if sent:
+                break
+            raise
+        sent += 1
+    return sent
+
+
 class TapBackend:
     """A tap interface: ``read``/``write`` of one frame each (``IFF_NO_PI``).
 
@@ -178,17 +195,7 @@ class TapBackend:
 
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """One write per frame, in order, until the tap refuses one (the rest are dropped)."""
-        sent = 0
-        for frame in frames:
-            try:
-                if not self.send((frame,)):
-                    break
-            except BackendClosedError:
-                if sent:
-                    break  # the next call reports it
-                raise
-            sent += 1
-        return sent
+        return send_each(self.send, frames)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -238,21 +245,7 @@ class SeqpacketBackend:
 
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """One message per frame, in order, until the socket is full (the rest are dropped)."""
-        send = self.sock.send
-        sent = 0
-        for frame in frames:
-            try:
-                send(frame)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                if err.errno in (errno.EMSGSIZE, errno.ENOBUFS):
-                    break
-                if sent:
-                    break  # the next call reports it
-                raise BackendClosedError(f"{self.name}: {err.strerror}") from err
-            sent += 1
-        return sent
+        return send_each(self.send, frames)
 
     def close(self) -> None:
         self.sock.close()
