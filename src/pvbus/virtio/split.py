@@ -358,9 +358,7 @@ class SplitQueue:
     ) -> tuple[list[memoryview], bytes]:
         size = self.size
         nxt = self.next_avail
-        n = (_u16_unpack(self._avail, 2)[0] - nxt) & 0xFFFF
-        if n > size:
-            n = 0  # pop() raises it
+        n = self._available()
         ring = self._avail.cast("H")
         table = self._desc
         views: list[memoryview] = []
@@ -384,6 +382,12 @@ class SplitQueue:
         self.next_avail = (nxt + len(heads)) & 0xFFFF
         return views, heads.tobytes()
 
+    def _available(self) -> int:
+        """Chains available past ``next_avail`` for the common-case loops; 0 for an index more
+        than a queue ahead, which :meth:`pop` raises (the C loops' ``available()``)."""
+        n: int = (_u16_unpack(self._avail, 2)[0] - self.next_avail) & 0xFFFF
+        return n if n <= self.size else 0
+
     def fill_frames(self, mem: GuestMemory, frames: list[bytes], prefix: bytes = b"") -> int:
         """Copy ``prefix`` + frame into the next available chain for each of ``frames``, in
         order, while that chain is one device-writable buffer with room for it; publish the
@@ -404,10 +408,9 @@ class SplitQueue:
             return count
         size = self.size
         nxt = self.next_avail
-        n = (_u16_unpack(self._avail, 2)[0] - nxt) & 0xFFFF
         ring = self._avail.cast("H")
         used: list[tuple[int, int]] = []
-        for frame in frames[: n if n <= size else 0]:
+        for frame in frames[: self._available()]:
             head: int = ring[2 + (nxt + len(used)) % size]
             if head >= size:
                 break

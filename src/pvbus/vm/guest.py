@@ -368,8 +368,9 @@ def command_archive(
     cpio = CpioWriter()
     cpio.directory("pvbus")
     if command is None:
-        rows, cols = size or (0, 0)
-        settings = f"TERM={shlex.quote(term)}\n" + (f"rows={rows}\ncols={cols}\n" if size else "")
+        settings = f"TERM={shlex.quote(term)}\n"
+        if size is not None:
+            settings += f"rows={size[0]}\ncols={size[1]}\n"
         cpio.file("pvbus/interactive", settings.encode())
     else:
         cpio.file("pvbus/cmd", command.encode() + b"\n", 0o755)

@@ -567,6 +567,11 @@ class NetDevice(VirtioDevice):
         for index in touched:
             self.signal(index)
 
+    @property
+    def _rx_header(self) -> bytes:
+        """The header of a received frame in one buffer (num_buffers 1 where it has one)."""
+        return _RX_HEADER if self.hdr_len == HDR_LEN else bytes(self.hdr_len)
+
     def _fill_burst(self, backend: PeekBackend, index: int, touched: set[int]) -> int:
         """The receive loop's common case, a burst per call and no per-frame Python: frames
         that each fit the one device-writable buffer of the next chain are copied there behind
@@ -582,7 +587,7 @@ class NetDevice(VirtioDevice):
         """
         queue = self.queues[index]
         mem = self.mem
-        header = _RX_HEADER if self.hdr_len == HDR_LEN else bytes(self.hdr_len)
+        header = self._rx_header
         stats = self.stats
         for _ in range(DRAIN_WEIGHT // _RX_FILL):
             frames = backend.peek_burst(_RX_FILL)
@@ -620,7 +625,7 @@ class NetDevice(VirtioDevice):
         queue = self.queues[index]
         mem = self.mem
         hdr_len = self.hdr_len
-        header = _RX_HEADER if hdr_len == HDR_LEN else bytes(hdr_len)
+        header = self._rx_header
         scratch = self._scratch_view
         recv_into = backend.recv_into
         translate = mem.translate
