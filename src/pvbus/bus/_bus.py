@@ -803,8 +803,16 @@ class Bus:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(_MONITOR_INTERVAL)
-            for dev in list(self.devices.values()):
-                self._check(dev)
+            self.observe()
+
+    def observe(self) -> None:
+        """Turn what changed in every worker since the last look into events now.
+
+        The monitor does this every 50 ms; the event API does it before it answers, so a
+        state the API has already shown (``connected``, a status) has its event in the list.
+        """
+        for dev in list(self.devices.values()):
+            self._check(dev)
 
     def _check(self, dev: DeviceRecord) -> None:
         worker = dev.worker

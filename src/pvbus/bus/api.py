@@ -213,6 +213,7 @@ def create_app(run_dir: Path) -> FastAPI:
         since: Annotated[int, Query(ge=0)] = 0,
         follow: bool = True,
     ) -> Any:
+        bus.observe()
         if not follow:
             return [e.to_dict() for e in bus.events.since(since)]
 
