@@ -2,21 +2,33 @@
 
 :class:`FakeGuest` is guest memory on a bytearray with a bump allocator; :class:`MockDriverQueue`
 is a driver-side split queue in it that builds requests from bytes and reads back what the device
-wrote. Devices are tested by handing them the device-side :class:`~pvbus.virtio.SplitQueue`
-that mirrors the mock queue (``mock.device_queue``). :class:`ServedDevice` serves a device
+wrote, :class:`MockPackedDriverQueue` its packed twin (:func:`mock_queue` picks either). Devices
+are tested by handing them the device-side queue that mirrors the mock queue
+(``mock.device_queue``: a :class:`~pvbus.virtio.SplitQueue` or a
+:class:`~pvbus.virtio.packed.PackedQueue`). :class:`ServedDevice` serves a device
 over a real vhost-user socket from a background thread, for frontend tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pvbus.testing._served import LoopThread, ServedDevice
 from pvbus.virtio.driver import DriverQueue, ring_layout
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
+from pvbus.virtio.packed import PackedQueue
+from pvbus.virtio.packed_driver import PackedDriverQueue, packed_ring_layout
 from pvbus.virtio.split import SplitQueue
 
-__all__ = ["FakeGuest", "LoopThread", "MockDriverQueue", "ServedDevice"]
+__all__ = [
+    "FakeGuest",
+    "LoopThread",
+    "MockDriverQueue",
+    "MockPackedDriverQueue",
+    "ServedDevice",
+    "mock_queue",
+]
 
 
 class FakeGuest:
@@ -51,23 +63,25 @@ class FakeGuest:
         return bytes(self.ram[off : off + length])
 
 
-class MockDriverQueue(DriverQueue):
-    """A driver queue in a :class:`FakeGuest`, with its device-side twin ready to use."""
+class _MockRequests:
+    """``send`` and ``receive`` of the mock queues, over either layout's ``add``/``get_used``."""
 
-    def __init__(self, guest: FakeGuest, size: int = 256, *, event_idx: bool = False) -> None:
-        desc, avail, used, span = ring_layout(size, 0)
-        base = guest.alloc(span, 4096)
-        super().__init__(
-            guest.mem, size, base + desc, base + avail, base + used, event_idx=event_idx
-        )
-        self.guest = guest
-        self._writable: dict[int, list[tuple[int, int]]] = {}
-        queue = SplitQueue(max_size=size)
-        queue.size = size
-        queue.desc_addr, queue.avail_addr, queue.used_addr = base + desc, base + avail, base + used
-        queue.event_idx = event_idx
-        queue.ready = True
-        self.device_queue = queue
+    guest: FakeGuest
+    _writable: dict[int, list[tuple[int, int]]]
+
+    if TYPE_CHECKING:  # what the driver queue class beside it provides
+
+        def add(
+            self,
+            readable: Sequence[tuple[int, int]],
+            writable: Sequence[tuple[int, int]] = (),
+            *,
+            indirect: tuple[memoryview, int] | None = None,
+        ) -> int: ...
+
+        def publish(self) -> bool: ...
+
+        def get_used(self) -> list[tuple[int, int]]: ...
 
     def send(
         self,
@@ -97,3 +111,55 @@ class MockDriverQueue(DriverQueue):
             bufs = self._writable.pop(head, [])
             out.append((head, length, [self.guest.read(a, n) for a, n in bufs]))
         return out
+
+
+class MockDriverQueue(_MockRequests, DriverQueue):
+    """A split driver queue in a :class:`FakeGuest`, with its device-side twin ready to use."""
+
+    def __init__(self, guest: FakeGuest, size: int = 256, *, event_idx: bool = False) -> None:
+        desc, avail, used, span = ring_layout(size, 0)
+        base = guest.alloc(span, 4096)
+        DriverQueue.__init__(
+            self, guest.mem, size, base + desc, base + avail, base + used, event_idx=event_idx
+        )
+        self.guest = guest
+        self._writable = {}
+        queue = SplitQueue(max_size=size)
+        queue.size = size
+        queue.desc_addr, queue.avail_addr, queue.used_addr = base + desc, base + avail, base + used
+        queue.event_idx = event_idx
+        queue.ready = True
+        self.device_queue = queue
+
+
+class MockPackedDriverQueue(_MockRequests, PackedDriverQueue):
+    """A packed driver queue in a :class:`FakeGuest`, with its device-side twin
+    (a :class:`~pvbus.virtio.packed.PackedQueue`) ready to use."""
+
+    def __init__(self, guest: FakeGuest, size: int = 256, *, event_idx: bool = False) -> None:
+        desc, driver, device, span = packed_ring_layout(size, 0)
+        base = guest.alloc(span, 4096)
+        PackedDriverQueue.__init__(
+            self, guest.mem, size, base + desc, base + driver, base + device, event_idx=event_idx
+        )
+        self.guest = guest
+        self._writable = {}
+        queue = PackedQueue(max_size=size)
+        queue.size = size
+        queue.desc_addr, queue.avail_addr, queue.used_addr = (
+            base + desc,
+            base + driver,
+            base + device,
+        )
+        queue.event_idx = event_idx
+        queue.ready = True
+        self.device_queue = queue
+
+
+def mock_queue(
+    guest: FakeGuest, size: int = 256, *, event_idx: bool = False, packed: bool = False
+) -> MockDriverQueue | MockPackedDriverQueue:
+    """A mock driver queue of either layout (tests parametrize devices over both)."""
+    if packed:
+        return MockPackedDriverQueue(guest, size, event_idx=event_idx)
+    return MockDriverQueue(guest, size, event_idx=event_idx)

@@ -7,6 +7,8 @@ is kept apart from guest memory; every queue operation takes the memory it works
 
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
+from pvbus.virtio.packed import PackedQueue
+from pvbus.virtio.queue import Virtqueue
 from pvbus.virtio.split import DescriptorChain, SplitQueue
 
 __all__ = [
@@ -14,6 +16,8 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
+    "PackedQueue",
     "QueueError",
     "SplitQueue",
+    "Virtqueue",
 ]

@@ -49,8 +49,18 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
+# Packed virtqueue descriptor flags beside NEXT, WRITE and INDIRECT (section 2.8.1).
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+# Event suppression flags of a packed virtqueue (section 2.8.10); DESC needs EVENT_IDX.
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+
 #: Largest queue size a split virtqueue may have (section 2.7).
 MAX_QUEUE_SIZE = 32768
+#: Largest queue size a packed virtqueue may have (section 2.8: up to 2**15, any value).
+MAX_PACKED_QUEUE_SIZE = 32768
 
 
 def bit(n: int) -> int:
