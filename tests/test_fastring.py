@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pvbus.virtio import split
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.constants import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
 from pvbus.virtio.split import SplitQueue
@@ -97,12 +98,17 @@ def _implementation(fast: bool) -> contextlib.AbstractContextManager[object]:
 
 
 def _pop(ring: Ring, limit: int, **kw: int) -> tuple[list[tuple[int, bytes]], bytes, int]:
+    room = kw.pop("room")
+    if kw.pop("batch"):
+        if kw.pop("write"):
+            return [], b"", -1  # pop_batch takes device-readable chains only
+        into = bytearray(b"\xee" * room)
+        batch, heads = ring.queue.pop_batch(ring.mem, into, limit, **kw)
+        assert batch.data is into and batch.offset(len(batch)) <= len(into)
+        return [(-2, f) for f in batch.frames()], heads, ring.queue.next_avail
     views, heads = ring.queue.pop_frames(ring.mem, limit, **kw)  # type: ignore[arg-type]
     where = []
     for view in views:
-        if isinstance(view, bytes):  # a copy (copy=True): its bytes are what matters
-            where.append((-2, view))
-            continue
         # Where the view points: write a marker through it and find it in guest memory.
         if len(view) == 0:
             where.append((-1, b""))
@@ -125,7 +131,8 @@ OPTIONS = st.fixed_dictionaries(
         "max_len": st.sampled_from([1526, 2**32 - 1]),
         "zero_prefix": st.sampled_from([0, 2]),
         "write": st.sampled_from([0, 1]),
-        "copy": st.sampled_from([0, 1]),
+        "batch": st.sampled_from([0, 1]),
+        "room": st.sampled_from([0, 100, 1600, 65536]),
     }
 )
 
@@ -186,6 +193,30 @@ def _pop_frames_story() -> None:
     assert q.next_used == 2
 
 
+@pytest.mark.parametrize("fast", IMPLEMENTATIONS)
+def test_pop_batch_copies_the_simple_chains_back_to_back(fast: bool) -> None:
+    ring = Ring(8)
+    for i, body in enumerate([b"a" * 60, b"b" * 1500, b"c" * 14]):
+        ring.write(HIGH + 0x1000 * i, bytes(12) + body)
+        ring.write(RINGS + 16 * i, struct.pack("<QIHH", HIGH + 0x1000 * i, 12 + len(body), 0, 0))
+        ring.write(ring.queue.avail_addr + 4 + 2 * i, struct.pack("<H", 2 - i))
+    ring.write(ring.queue.avail_addr + 2, struct.pack("<H", 3))
+    q = ring.queue
+    with _implementation(fast):
+        small, heads = q.pop_batch(ring.mem, bytearray(1513), 16, skip=12, zero_prefix=2)
+        assert (small.frames(), list(memoryview(heads).cast("H"))) == ([b"c" * 14], [2])
+        q.set_base(0)  # the frame of 1500 did not fit: it stayed available
+        into = bytearray(4096)
+        batch, heads = q.pop_batch(ring.mem, into, 16, skip=12, min_len=26, zero_prefix=2)
+    assert list(memoryview(heads).cast("H")) == [2, 1, 0]
+    assert batch.frames() == [b"c" * 14, b"b" * 1500, b"a" * 60]  # in ring order
+    assert batch.data is into and into[:1574] == b"c" * 14 + b"b" * 1500 + b"a" * 60
+    assert [batch.offset(i) for i in range(4)] == [0, 14, 1514, 1574]
+    ring.write(HIGH, b"X" * 72)  # a copy: the driver may reuse its buffer
+    assert batch.frame(2) == b"a" * 60
+    assert batch.head(2).frames() == [b"c" * 14, b"b" * 1500] and len(batch.head(0)) == 0
+
+
 @needs_c
 @given(
     st.lists(st.integers(0, 255), max_size=300), st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1)
@@ -219,6 +250,20 @@ def test_c_refuses_bad_arguments() -> None:
         _fastring.pop_frames(bytes(128), bytes(22), 8, 0, 8, 0, readonly, 0, 0, 1, 0)
     with pytest.raises(BufferError):  # the used ring too
         _fastring.publish_used(bytes(64), 4, 0, b"\0\0", 0)
+    ring = Ring(8)
+    _fill(ring, [(HIGH, 100, VIRTQ_DESC_F_WRITE)] * 2, [0, 1], 2, b"")
+    q = ring.queue
+    assert q.pending(ring.mem) == 2  # binds the ring views
+    rings = (q._desc, q._avail, q._used, 8, 0, 0, ring.mem.table)
+    ends = struct.pack("=II", 10, 5)
+    with pytest.raises(ValueError, match="out of order"):
+        _fastring.fill_batch(*rings, bytes(10), ends, 0, b"")
+    with pytest.raises(ValueError, match="past the data"):
+        _fastring.fill_batch(*rings, bytes(4), struct.pack("=I", 10), 0, b"")
+    with pytest.raises(ValueError):
+        _fastring.fill_batch(*rings, bytes(10), ends, 3, b"")  # start past the frames
+    with pytest.raises(ValueError):
+        _fastring.fill_batch(*rings, bytes(10), b"\0\0", 0, b"")  # half an end
     with pytest.raises(ValueError):
         _fastring.publish_used(bytearray(64), 4, 0, b"\0", 0)  # half a head
 
@@ -230,12 +275,14 @@ def test_c_refuses_bad_arguments() -> None:
     st.lists(st.sampled_from([b"", b"\x01" * 14, b"\x02" * 60, b"\x03" * 1514]), max_size=40),
     st.sampled_from([b"", bytes(12), b"\x09" * 10]),
     st.integers(0, 0xFFFF),
+    st.integers(0, 5),
 )
 def test_c_and_python_fill_the_same(
     ring_args: tuple[int, Descs, list[int], int, int, bytes],
     frames: list[bytes],
     prefix: bytes,
     next_used: int,
+    start: int,
 ) -> None:
     size, descs, heads, next_avail, ahead, fill = ring_args
     results = []
@@ -245,14 +292,14 @@ def test_c_and_python_fill_the_same(
         ring.queue.set_base(next_avail)
         ring.queue.next_used = next_used
         with _implementation(fast):
-            count = ring.queue.fill_frames(ring.mem, frames, prefix)
+            count = ring.queue.fill_batch(ring.mem, FrameBatch.of(frames), start, prefix)
         q = ring.queue
         results.append((count, q.next_avail, q.next_used, bytes(ring.low), bytes(ring.high)))
     assert results[0] == results[1]
 
 
 @pytest.mark.parametrize("fast", IMPLEMENTATIONS)
-def test_fill_frames_places_in_order_and_stops_at_what_does_not_fit(fast: bool) -> None:
+def test_fill_batch_places_in_order_and_stops_at_what_does_not_fit(fast: bool) -> None:
     with _implementation(fast):
         _fill_story()
 
@@ -263,8 +310,8 @@ def _fill_story() -> None:
     bufs = [(HIGH, 100, VIRTQ_DESC_F_WRITE), (HIGH + 0x100, 100, VIRTQ_DESC_F_WRITE),
             (HIGH + 0x200, 20, VIRTQ_DESC_F_WRITE)]  # fmt: skip
     _fill(ring, bufs, [0, 1, 2], 3, b"")
-    frames = [b"A" * 60, b"B" * 60, b"C" * 60, b"D" * 60]
-    assert q.fill_frames(ring.mem, frames, b"H" * 12) == 2  # the third chain is too small
+    batch = FrameBatch.of([b"Z" * 9, b"A" * 60, b"B" * 60, b"C" * 60, b"D" * 60])
+    assert q.fill_batch(ring.mem, batch, 1, b"H" * 12) == 2  # the third chain is too small
     assert ring.high[:72] == b"H" * 12 + b"A" * 60
     assert ring.high[0x100 : 0x100 + 72] == b"H" * 12 + b"B" * 60
     used = q.used_addr - LOW
@@ -272,4 +319,5 @@ def _fill_story() -> None:
     assert (q.next_avail, q.next_used) == (2, 2)
     chain = q.pop(ring.mem)  # the one left is there for the general path
     assert chain is not None and chain.head == 2
-    assert q.fill_frames(ring.mem, [], b"") == 0
+    assert q.fill_batch(ring.mem, FrameBatch(b"", b""), 0, b"") == 0
+    assert q.fill_batch(ring.mem, batch, 5, b"") == 0  # nothing from the end on

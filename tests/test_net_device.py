@@ -39,6 +39,7 @@ from pvbus.devices.net.device import (
 from pvbus.devices.net.frames import HDR_LEN, MAX_FRAME, NET_HDR, format_mac, parse_mac
 from pvbus.testing import FakeGuest, MockDriverQueue
 from pvbus.virtio import split
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.memory import GuestMemory
@@ -792,7 +793,7 @@ def test_receive_burst_with_filter_and_no_room() -> None:
 
 
 def test_loopback_fills_whole_buffers_then_merges_in_order() -> None:
-    """The fill loop (SplitQueue.fill_frames) places frames while each fits one buffer; the
+    """The fill loop (SplitQueue.fill_batch) places frames while each fits one buffer; the
     first that needs merged buffers goes the general way, and order holds across both."""
     rig = Rig(NetConfig(mac=MAC), backend=LoopbackBackend(limit=100), queue_size=128)
     try:
@@ -814,15 +815,23 @@ def test_loopback_fills_whole_buffers_then_merges_in_order() -> None:
         rig.close()
 
 
-def test_loopback_peek_and_consume() -> None:
-    backend = LoopbackBackend(limit=8)
+def test_loopback_keeps_batches_in_order_up_to_its_limit() -> None:
+    backend = LoopbackBackend(limit=5)
     try:
-        assert backend.peek_burst(4) == []
-        backend.send_burst([b"a" * 20, b"b" * 20, b"c" * 20])
-        assert backend.peek_burst(2) == [b"a" * 20, b"b" * 20]
-        assert backend.peek_burst(9) == [b"a" * 20, b"b" * 20, b"c" * 20]  # still waiting
+        assert backend.peek_batch() is None and backend.waiting() == []
+        assert backend.send_burst([b"a" * 20, b"b" * 20, b"c" * 20]) == 3
+        assert backend.send_batch(FrameBatch.of([b"d" * 9, b"e" * 9, b"f" * 9])) == 2  # full
+        assert backend.send([b"g"]) is False and len(backend) == 5
+        batch, start = backend.peek_batch() or (FrameBatch(b"", b""), -1)
+        assert (batch.frames(), start) == ([b"a" * 20, b"b" * 20, b"c" * 20], 0)
         backend.consume(2)
-        assert backend.peek_burst(9) == [b"c" * 20]
+        batch, start = backend.peek_batch() or (FrameBatch(b"", b""), -1)
+        assert (batch.frame(start), start) == (b"c" * 20, 2)
+        backend.consume(2)  # across the two batches
+        assert backend.waiting() == [b"e" * 9]
+        buf = memoryview(bytearray(64))
+        assert backend.recv_into(buf) == 9 and buf[:9] == b"e" * 9
+        assert backend.recv_into(buf) == 0 and len(backend) == 0
     finally:
         backend.close()
 
@@ -841,13 +850,12 @@ def test_loopback_frames_wait_in_the_backend_until_buffers_come() -> None:
         assert [f for _, f in rig.received()] == sent[:2]
         # No buffers left: the rest stay in the backend, nothing read only to be held; they
         # are copies (the driver reuses the transmit buffers), not views of guest memory.
-        assert backend.peek_burst(10) == sent[2:]
-        assert all(type(f) is bytes for f in backend.peek_burst(10))
+        assert backend.waiting() == sent[2:]
         assert backend.fileno() not in rig.reactor.readers
         rig.post_rx([2048] * 8)
         rig.dev.process(0)  # the driver's kick
         assert [f for _, f in rig.received()] == sent[2:]
-        assert backend.peek_burst(10) == []
+        assert backend.waiting() == []
         assert rig.dev.stats.rx_frames == 6
     finally:
         rig.close()

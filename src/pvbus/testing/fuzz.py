@@ -6,7 +6,8 @@ may leak.
 
 ``rings``: a descriptor table, available ring and queue parameters written into guest memory
 that sits between two PROT_NONE guard pages, processed by virtio-blk and then by the split
-ring's common-case loops (``SplitQueue.pop_frames`` and ``fill_frames``, in C where built).
+ring's common-case loops (``SplitQueue.pop_frames``, ``pop_batch`` and ``fill_batch``, in C
+where built).
 Only QueueError may come out; an access outside guest memory would fault on a guard page and
 crash the run.
 
@@ -28,6 +29,7 @@ from pvbus.devices.blk import BlkConfig, BlockDevice
 from pvbus.vhost_user.backend import BackendSession
 from pvbus.vhost_user.codec import MessageReader
 from pvbus.vhost_user.errors import ProtocolError, RemoteProtocolError
+from pvbus.virtio.batch import BATCH_BYTES, FrameBatch
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
 from pvbus.virtio.split import SplitQueue
@@ -87,7 +89,7 @@ class GuardedGuest:
 
 
 #: Frames the rings target copies into whatever receive chains the ring offers.
-_FRAMES = [bytes([i]) * (14 + 97 * i) for i in range(12)]
+_FRAMES = FrameBatch.of([bytes([i]) * (14 + 97 * i) for i in range(12)])
 
 
 class RingTarget:
@@ -99,6 +101,7 @@ class RingTarget:
         self.guest = GuardedGuest()
         self.device = BlockDevice(BlkConfig(image=_image(), queue_size=256))
         self.device.mem = self.guest.mem
+        self._into = bytearray(BATCH_BYTES)
 
     def __call__(self, data: bytes) -> None:
         if len(data) < self._HEAD.size:
@@ -110,7 +113,8 @@ class RingTarget:
         body = data[self._HEAD.size :]
         view[: len(body)] = body[:GUEST_SIZE]
         # desc table at the start, avail after it, used on the next page: all in the guest.
-        queue: SplitQueue = self.device.queues[0]
+        queue = self.device.queues[0]
+        assert isinstance(queue, SplitQueue)
         queue.reset()
         queue.size = size
         queue.desc_addr = GUEST_BASE
@@ -128,7 +132,13 @@ class RingTarget:
             self.guest.mem, 1024, skip=12, min_len=26, max_len=1526, zero_prefix=2
         )
         queue.add_used_heads(self.guest.mem, heads)
-        queue.fill_frames(self.guest.mem, _FRAMES, bytes(12))
+        queue.set_base(base)
+        batch, heads = queue.pop_batch(
+            self.guest.mem, self._into, 1024, skip=12, min_len=26, max_len=1526, zero_prefix=2
+        )
+        queue.set_base(base)
+        queue.fill_batch(self.guest.mem, _FRAMES, 0, bytes(12))
+        queue.fill_batch(self.guest.mem, batch, 0, bytes(12))
         queue.unbind()
 
 

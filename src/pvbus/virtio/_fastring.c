@@ -5,23 +5,30 @@
  * has the same semantics (and is what runs where this module is not built):
  *
  *   pop_frames(desc, avail, size, next_avail, limit, want, regions,
- *              skip, min_len, max_len, zero_prefix[, copy]) -> (views, heads, next_avail)
+ *              skip, min_len, max_len, zero_prefix) -> (views, heads, next_avail)
  *       Take available chains while each is ONE descriptor whose flags equal `want` (no
  *       NEXT, no INDIRECT), whose length is in [min_len, max_len], that lies in one guest
  *       memory region and whose first `zero_prefix` bytes are zero. Stop at the first chain
  *       that is anything else and leave it available: the Python code walks it and reports
  *       what is wrong with it. `views` are memoryviews of each buffer past its first `skip`
- *       bytes (slices of the region's memoryview, so they keep the mapping alive), or with
- *       `copy` bytes objects holding a copy (for a backend that keeps frames after their
- *       chains are returned); `heads` is the chains' head indices as native uint16s.
+ *       bytes (slices of the region's memoryview, so they keep the mapping alive); `heads` is
+ *       the chains' head indices as native uint16s.
  *
- *   fill_frames(desc, avail, used, size, next_avail, next_used, regions, frames, prefix)
- *       -> (count, next_avail, next_used)
- *       Copy `prefix` + frame into the next available chain for each frame of the list
- *       `frames`, in order, while that chain is ONE device-writable descriptor (no NEXT, no
- *       INDIRECT) in one region with room for it; then publish the used elements (id, bytes
- *       written) and the used index once. The first frame that does not fit so stops it and
- *       its chain stays available.
+ *   pop_batch(desc, avail, size, next_avail, limit, want, regions,
+ *             skip, min_len, max_len, zero_prefix, into) -> (ends, heads, next_avail)
+ *       The same chains as pop_frames, as many as fit, copied frame after frame into the
+ *       writable buffer `into`; `ends` holds each frame's end offset there as native
+ *       uint32s (a "frame batch": no allocation per frame, for a consumer that keeps frames
+ *       after their chains are returned and recycles its buffers). The chains past what
+ *       fits stay available.
+ *
+ *   fill_batch(desc, avail, used, size, next_avail, next_used, regions, data, ends, start,
+ *              prefix) -> (count, next_avail, next_used)
+ *       Copy `prefix` + frame into the next available chain for each frame of the batch
+ *       (data, ends) from frame `start` on, in order, while that chain is ONE device-writable
+ *       descriptor (no NEXT, no INDIRECT) in one region with room for it; then publish the
+ *       used elements (id, bytes written) and the used index once. The first frame that does
+ *       not fit so stops it and its chain stays available.
  *
  *   publish_used(used, size, next_used, heads, length) -> next_used
  *       Write one used element (id = head, len = length) per head, then the used index,
@@ -151,56 +158,64 @@ available(const unsigned char *ring, unsigned int size, unsigned int next_avail)
     return n > size ? 0 : n; /* a bad index: the Python side raises the error */
 }
 
-static PyObject *
-pop_frames(PyObject *self, PyObject *args)
-{
+/* One simple chain found by scan_frames: its head and its buffer past `skip`. */
+typedef struct {
+    uint16_t head;
+    uint32_t len;
+    const char *data;
+    region_t *reg;
+    uint64_t off;
+} simple_t;
+
+typedef struct {
     PyObject *desc_obj, *avail_obj, *regions_obj;
     unsigned int size, next_avail, limit, want, skip, zero_prefix;
     unsigned long long min_len, max_len;
-    int copy = 0;
-    if (!PyArg_ParseTuple(args, "OOIIIIOIKKI|p", &desc_obj, &avail_obj, &size, &next_avail,
-                          &limit, &want, &regions_obj, &skip, &min_len, &max_len, &zero_prefix,
-                          &copy))
-        return NULL;
-    if (size == 0 || size > 32768 || next_avail > 0xFFFF) {
+    PyObject *into; /* pop_batch's buffer */
+} pop_args;
+
+static int
+parse_pop_args(PyObject *args, pop_args *a, int batch)
+{
+    a->into = NULL;
+    if (!PyArg_ParseTuple(args, batch ? "OOIIIIOIKKIO" : "OOIIIIOIKKI", &a->desc_obj,
+                          &a->avail_obj, &a->size, &a->next_avail, &a->limit, &a->want,
+                          &a->regions_obj, &a->skip, &a->min_len, &a->max_len,
+                          &a->zero_prefix, &a->into))
+        return -1;
+    if (a->size == 0 || a->size > 32768 || a->next_avail > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "queue size or index out of range");
-        return NULL;
+        return -1;
     }
-    if (min_len < (unsigned long long)skip + zero_prefix)
-        min_len = (unsigned long long)skip + zero_prefix; /* the view and the check need them */
+    if (a->min_len < (unsigned long long)a->skip + a->zero_prefix)
+        a->min_len = (unsigned long long)a->skip + a->zero_prefix; /* the data and the check */
+    return 0;
+}
 
-    region_t regions[MAX_REGIONS];
-    held_buffer held[MAX_REGIONS];
-    Py_ssize_t nregions = 0, count = 0, last = 0;
-    Py_buffer desc, avail;
-    PyObject *views = NULL, *heads = NULL, *result = NULL;
-    uint16_t *head_out;
-
-    if (get_buffer(desc_obj, &desc, (Py_ssize_t)16 * size, 0, "descriptor table") < 0)
-        return NULL;
-    if (get_buffer(avail_obj, &avail, 4 + (Py_ssize_t)2 * size, 0, "available ring") < 0) {
-        PyBuffer_Release(&desc);
-        return NULL;
-    }
-    if (hold_regions(regions_obj, regions, held, &nregions) < 0)
-        goto out;
-
-    const unsigned char *ring = avail.buf;
-    unsigned int n = available(ring, size, next_avail);
-    if (n > limit)
-        n = limit;
-    views = PyList_New(0);
-    heads = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)2 * n);
-    if (views == NULL || heads == NULL)
-        goto out;
-    head_out = (uint16_t *)PyBytes_AS_STRING(heads);
+/*
+ * The simple chains available (see pop_frames), at most a->limit of them and max_bytes of
+ * frames, into `out` (room for min(limit, size)); returns how many. Each descriptor is
+ * read once.
+ */
+static unsigned int
+scan_frames(const pop_args *a, const unsigned char *table, const unsigned char *ring,
+            region_t *regions, Py_ssize_t nregions, uint64_t max_bytes, simple_t *out)
+{
+    Py_ssize_t last = 0;
+    uint64_t total = 0;
+    unsigned int n = available(ring, a->size, a->next_avail), count = 0;
+    if (n > a->limit)
+        n = a->limit;
     for (unsigned int i = 0; i < n; i++) {
         uint16_t head, flags;
         uint64_t addr;
         uint32_t len;
-        if (!slot_desc(ring, desc.buf, size, next_avail + i, &head, &addr, &len, &flags))
+        if (!slot_desc(ring, table, a->size, a->next_avail + i, &head, &addr, &len, &flags))
             break;
-        if (flags != want || len < min_len || len > max_len)
+        if (flags != a->want || len < a->min_len || len > a->max_len)
+            break;
+        total += len - a->skip;
+        if (total > max_bytes)
             break;
         region_t *reg = find_region(regions, nregions, &last, addr, len);
         if (reg == NULL)
@@ -208,34 +223,118 @@ pop_frames(PyObject *self, PyObject *args)
         uint64_t off = addr - reg->gpa;
         const unsigned char *p = (const unsigned char *)reg->base + off;
         unsigned int z;
-        for (z = 0; z < zero_prefix && p[z] == 0; z++)
+        for (z = 0; z < a->zero_prefix && p[z] == 0; z++)
             ;
-        if (z < zero_prefix)
+        if (z < a->zero_prefix)
             break;
-        PyObject *view =
-            copy ? PyBytes_FromStringAndSize((const char *)p + skip, (Py_ssize_t)(len - skip))
-                 : PySequence_GetSlice(reg->buf, (Py_ssize_t)(off + skip), (Py_ssize_t)(off + len));
-        if (view == NULL)
-            goto out;
-        if (PyList_Append(views, view) < 0) {
-            Py_DECREF(view);
-            goto out;
-        }
-        Py_DECREF(view);
-        head_out[count++] = head;
+        out[count].head = head;
+        out[count].len = len - a->skip;
+        out[count].data = (const char *)p + a->skip;
+        out[count].reg = reg;
+        out[count].off = off + a->skip;
+        count++;
     }
-    if (count < (Py_ssize_t)n && _PyBytes_Resize(&heads, (Py_ssize_t)2 * count) < 0) {
-        heads = NULL;
+    return count;
+}
+
+/* pop_frames and pop_batch: hold the rings and regions, scan, then build the result. */
+static PyObject *
+pop_simple(PyObject *args, int batch)
+{
+    pop_args a;
+    if (parse_pop_args(args, &a, batch) < 0)
+        return NULL;
+    region_t regions[MAX_REGIONS];
+    held_buffer held[MAX_REGIONS];
+    Py_ssize_t nregions = 0;
+    Py_buffer desc, avail, into;
+    PyObject *frames = NULL, *ends = NULL, *heads = NULL, *result = NULL;
+    simple_t *found = NULL;
+
+    if (batch && get_buffer(a.into, &into, 0, 1, "batch buffer") < 0)
+        return NULL;
+    if (batch && (uint64_t)into.len > 0xFFFFFFFFu) {
+        PyBuffer_Release(&into);
+        PyErr_SetString(PyExc_ValueError, "batch buffer of 4 GiB or more");
+        return NULL;
+    }
+    if (get_buffer(a.desc_obj, &desc, (Py_ssize_t)16 * a.size, 0, "descriptor table") < 0) {
+        if (batch)
+            PyBuffer_Release(&into);
+        return NULL;
+    }
+    if (get_buffer(a.avail_obj, &avail, 4 + (Py_ssize_t)2 * a.size, 0, "available ring") < 0) {
+        PyBuffer_Release(&desc);
+        if (batch)
+            PyBuffer_Release(&into);
+        return NULL;
+    }
+    if (hold_regions(a.regions_obj, regions, held, &nregions) < 0)
+        goto out;
+    found = PyMem_Malloc(sizeof(simple_t) * (a.limit < a.size ? a.limit : a.size) + 1);
+    if (found == NULL) {
+        PyErr_NoMemory();
         goto out;
     }
-    result = Py_BuildValue("(OOI)", views, heads, (unsigned int)((next_avail + count) & 0xFFFF));
+    unsigned int count = scan_frames(&a, desc.buf, avail.buf, regions, nregions,
+                                     batch ? (uint64_t)into.len : UINT64_MAX, found);
+    heads = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)2 * count);
+    if (heads == NULL)
+        goto out;
+    uint16_t *head_out = (uint16_t *)PyBytes_AS_STRING(heads);
+    for (unsigned int i = 0; i < count; i++)
+        head_out[i] = found[i].head;
+    if (batch) {
+        ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)4 * count);
+        if (ends == NULL)
+            goto out;
+        char *dst = into.buf; /* scan_frames kept the total within into.len */
+        uint32_t *end_out = (uint32_t *)PyBytes_AS_STRING(ends);
+        uint32_t pos = 0;
+        for (unsigned int i = 0; i < count; i++) {
+            memcpy(dst + pos, found[i].data, found[i].len);
+            pos += found[i].len;
+            end_out[i] = pos;
+        }
+        result = Py_BuildValue("(OOI)", ends, heads,
+                               (unsigned int)((a.next_avail + count) & 0xFFFF));
+    } else {
+        frames = PyList_New(count);
+        if (frames == NULL)
+            goto out;
+        for (unsigned int i = 0; i < count; i++) {
+            PyObject *view = PySequence_GetSlice(found[i].reg->buf, (Py_ssize_t)found[i].off,
+                                                 (Py_ssize_t)(found[i].off + found[i].len));
+            if (view == NULL)
+                goto out;
+            PyList_SET_ITEM(frames, i, view);
+        }
+        result = Py_BuildValue("(OOI)", frames, heads,
+                               (unsigned int)((a.next_avail + count) & 0xFFFF));
+    }
 out:
-    Py_XDECREF(views);
+    PyMem_Free(found);
+    Py_XDECREF(frames);
+    Py_XDECREF(ends);
     Py_XDECREF(heads);
     release_regions(held, nregions);
     PyBuffer_Release(&avail);
     PyBuffer_Release(&desc);
+    if (batch)
+        PyBuffer_Release(&into);
     return result;
+}
+
+static PyObject *
+pop_frames(PyObject *self, PyObject *args)
+{
+    return pop_simple(args, 0);
+}
+
+static PyObject *
+pop_batch(PyObject *self, PyObject *args)
+{
+    return pop_simple(args, 1);
 }
 
 /* Used element (id, len) at position idx of the used ring. */
@@ -255,27 +354,29 @@ publish_index(unsigned char *ring, uint16_t idx)
 }
 
 static PyObject *
-fill_frames(PyObject *self, PyObject *args)
+fill_batch(PyObject *self, PyObject *args)
 {
-    PyObject *desc_obj, *avail_obj, *used_obj, *regions_obj, *frames;
+    PyObject *desc_obj, *avail_obj, *used_obj, *regions_obj;
     unsigned int size, next_avail, next_used;
-    Py_buffer prefix;
-    if (!PyArg_ParseTuple(args, "OOOIIIOO!y*", &desc_obj, &avail_obj, &used_obj, &size,
-                          &next_avail, &next_used, &regions_obj, &PyList_Type, &frames,
+    Py_ssize_t start;
+    Py_buffer data, ends, prefix;
+    if (!PyArg_ParseTuple(args, "OOOIIIOy*y*ny*", &desc_obj, &avail_obj, &used_obj, &size,
+                          &next_avail, &next_used, &regions_obj, &data, &ends, &start,
                           &prefix))
         return NULL;
-    if (size == 0 || size > 32768 || next_avail > 0xFFFF || next_used > 0xFFFF) {
-        PyBuffer_Release(&prefix);
-        PyErr_SetString(PyExc_ValueError, "queue size or index out of range");
-        return NULL;
-    }
     region_t regions[MAX_REGIONS];
     held_buffer held[MAX_REGIONS];
     Py_ssize_t nregions = 0, count = 0, last = 0;
     Py_buffer desc, avail, used;
     PyObject *result = NULL;
     int have_desc = 0, have_avail = 0, have_used = 0;
+    Py_ssize_t nframes = ends.len / 4;
 
+    if (size == 0 || size > 32768 || next_avail > 0xFFFF || next_used > 0xFFFF ||
+        ends.len % 4 || start < 0 || start > nframes) {
+        PyErr_SetString(PyExc_ValueError, "queue size, index or batch out of range");
+        goto out;
+    }
     if (get_buffer(desc_obj, &desc, (Py_ssize_t)16 * size, 0, "descriptor table") < 0)
         goto out;
     have_desc = 1;
@@ -288,34 +389,35 @@ fill_frames(PyObject *self, PyObject *args)
     if (hold_regions(regions_obj, regions, held, &nregions) < 0)
         goto out;
 
+    const uint32_t *end = ends.buf;
+    uint32_t from = start ? end[start - 1] : 0;
     const unsigned char *ring = avail.buf;
     Py_ssize_t n = available(ring, size, next_avail);
-    if (n > PyList_GET_SIZE(frames))
-        n = PyList_GET_SIZE(frames);
+    if (n > nframes - start)
+        n = nframes - start;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint16_t head, flags;
         uint64_t addr;
-        uint32_t len;
+        uint32_t len, to = end[start + i];
+        if (to < from || to > (uint64_t)data.len) {
+            PyErr_SetString(PyExc_ValueError, "frame ends out of order or past the data");
+            goto out;
+        }
         if (!slot_desc(ring, desc.buf, size, next_avail + (unsigned int)i, &head, &addr, &len,
                        &flags))
             break;
         if (flags != 2 /* VIRTQ_DESC_F_WRITE alone */)
             break;
-        Py_buffer frame;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(frames, i), &frame, PyBUF_SIMPLE) < 0)
-            goto out;
-        uint64_t need = (uint64_t)prefix.len + (uint64_t)frame.len;
+        uint64_t need = (uint64_t)prefix.len + (to - from);
         region_t *reg = need <= len ? find_region(regions, nregions, &last, addr, need) : NULL;
-        if (reg == NULL) {
-            PyBuffer_Release(&frame);
+        if (reg == NULL)
             break;
-        }
         char *p = reg->base + (addr - reg->gpa);
         memcpy(p, prefix.buf, prefix.len);
-        memcpy(p + prefix.len, frame.buf, frame.len);
-        PyBuffer_Release(&frame);
+        memcpy(p + prefix.len, (const char *)data.buf + from, to - from);
         put_used(used.buf, size, (uint16_t)(next_used + count), head, (uint32_t)need);
         count++;
+        from = to;
     }
     if (count) {
         next_used = (next_used + count) & 0xFFFF;
@@ -331,6 +433,8 @@ out:
         PyBuffer_Release(&avail);
     if (have_desc)
         PyBuffer_Release(&desc);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&ends);
     PyBuffer_Release(&prefix);
     return result;
 }
@@ -367,8 +471,10 @@ publish_used(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"pop_frames", pop_frames, METH_VARARGS,
      "Take available one-descriptor chains as memoryviews (see the module source)."},
-    {"fill_frames", fill_frames, METH_VARARGS,
-     "Copy frames into available one-buffer writable chains; publish them (see the source)."},
+    {"pop_batch", pop_batch, METH_VARARGS,
+     "Take available one-descriptor chains as one frame batch (see the module source)."},
+    {"fill_batch", fill_batch, METH_VARARGS,
+     "Copy a batch's frames into available one-buffer writable chains; publish them."},
     {"publish_used", publish_used, METH_VARARGS,
      "Write used elements for heads, then the used index; return the new index."},
     {NULL, NULL, 0, NULL},

@@ -14,10 +14,24 @@ def pop_frames(
     min_len: int,
     max_len: int,
     zero_prefix: int,
-    copy: bool = False,
     /,
-) -> tuple[list[memoryview] | list[bytes], bytes, int]: ...
-def fill_frames(
+) -> tuple[list[memoryview], bytes, int]: ...
+def pop_batch(
+    desc: Buffer,
+    avail: Buffer,
+    size: int,
+    next_avail: int,
+    limit: int,
+    want: int,
+    regions: tuple[tuple[int, int, memoryview], ...],
+    skip: int,
+    min_len: int,
+    max_len: int,
+    zero_prefix: int,
+    into: bytearray,
+    /,
+) -> tuple[bytes, bytes, int]: ...
+def fill_batch(
     desc: Buffer,
     avail: Buffer,
     used: Buffer,
@@ -25,7 +39,9 @@ def fill_frames(
     next_avail: int,
     next_used: int,
     regions: tuple[tuple[int, int, memoryview], ...],
-    frames: list[bytes],
+    data: Buffer,
+    ends: Buffer,
+    start: int,
     prefix: Buffer,
     /,
 ) -> tuple[int, int, int]: ...

@@ -15,6 +15,7 @@ import array
 import struct
 
 from pvbus.virtio.barrier import full_barrier
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.constants import (
     MAX_QUEUE_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -311,8 +312,7 @@ class SplitQueue:
         max_len: int = 0xFFFFFFFF,
         zero_prefix: int = 0,
         write: bool = False,
-        copy: bool = False,
-    ) -> tuple[list[memoryview] | list[bytes], bytes]:
+    ) -> tuple[list[memoryview], bytes]:
         """Take up to ``limit`` available chains while each is the common simple case.
 
         That is: one descriptor of the direction asked for (device-readable, or device-writable
@@ -321,11 +321,11 @@ class SplitQueue:
         asks for nothing, say). The first chain that is anything else stays available for
         :meth:`pop` / :meth:`pop_burst`, which walk it and raise what is wrong with it.
 
-        Returns views of the buffers past their first ``skip`` bytes (with ``copy``, ``bytes``
-        copies instead, for a consumer that keeps them after the chains are returned) and the
-        heads as native uint16s, for :meth:`add_used_heads`. With inflight tracking, or chains
-        to resubmit, it takes nothing (the caller's general path handles those). The loop runs
-        in C where ``pvbus.virtio._fastring`` is built (:data:`FAST_RING`), else in Python.
+        Returns views of the buffers past their first ``skip`` bytes and the heads as native
+        uint16s, for :meth:`add_used_heads` (:meth:`pop_batch` copies them instead). With
+        inflight tracking, or chains to resubmit, it takes nothing (the caller's general path
+        handles those). The loop runs in C where ``pvbus.virtio._fastring`` is built
+        (:data:`FAST_RING`), else in Python.
         """
         if mem is not self._mem:
             self._bind(mem)
@@ -336,14 +336,52 @@ class SplitQueue:
         if _fastring is not None:
             views, heads, self.next_avail = _fastring.pop_frames(
                 self._desc, self._avail, self.size, self.next_avail, limit, want,
-                mem.table, skip, min_len, max_len, zero_prefix, copy,
+                mem.table, skip, min_len, max_len, zero_prefix,
             )  # fmt: skip
             return views, heads
-        views, heads = self._pop_frames_py(
+        return self._pop_frames_py(
             mem, limit, want=want, skip=skip, min_len=min_len, max_len=max_len,
             zero_prefix=zero_prefix,
         )  # fmt: skip
-        return ([bytes(v) for v in views] if copy else views), heads
+
+    def pop_batch(
+        self,
+        mem: GuestMemory,
+        into: bytearray,
+        limit: int,
+        *,
+        skip: int = 0,
+        min_len: int = 0,
+        max_len: int = 0xFFFFFFFF,
+        zero_prefix: int = 0,
+    ) -> tuple[FrameBatch, bytes]:
+        """The chains :meth:`pop_frames` takes (device-readable ones), as many as fit, copied
+        back to back into ``into``: a :class:`FrameBatch` on that buffer, for a consumer that
+        keeps frames after their chains are returned (and recycles its buffers), with no
+        Python object per frame. Returns the batch and the heads. In C where built.
+        """
+        if mem is not self._mem:
+            self._bind(mem)
+        if self._resubmit or self.inflight is not None:
+            return FrameBatch(into, b""), b""
+        min_len = max(min_len, skip + zero_prefix)
+        if _fastring is not None:
+            ends, heads, self.next_avail = _fastring.pop_batch(
+                self._desc, self._avail, self.size, self.next_avail, limit, 0,
+                mem.table, skip, min_len, max_len, zero_prefix, into,
+            )  # fmt: skip
+            return FrameBatch(into, ends), heads
+        views, heads = self._pop_frames_py(
+            mem, limit, want=0, skip=skip, min_len=min_len, max_len=max_len,
+            zero_prefix=zero_prefix, max_bytes=len(into),
+        )  # fmt: skip
+        ends = array.array("I")
+        pos = 0
+        for view in views:
+            into[pos : pos + len(view)] = view
+            pos += len(view)
+            ends.append(pos)
+        return FrameBatch(into, ends.tobytes()), heads
 
     def _pop_frames_py(
         self,
@@ -355,8 +393,10 @@ class SplitQueue:
         min_len: int,
         max_len: int,
         zero_prefix: int,
+        max_bytes: int = -1,
     ) -> tuple[list[memoryview], bytes]:
         size = self.size
+        total = 0
         nxt = self.next_avail
         n = self._available()
         ring = self._avail.cast("H")
@@ -370,6 +410,9 @@ class SplitQueue:
                 break
             addr, length, flags, _ = _desc_unpack(table, 16 * head)
             if flags != want or not min_len <= length <= max_len:
+                break
+            total += length - skip
+            if 0 <= max_bytes < total:
                 break
             try:
                 buf = mem.translate(addr, length)
@@ -388,33 +431,37 @@ class SplitQueue:
         n: int = (_u16_unpack(self._avail, 2)[0] - self.next_avail) & 0xFFFF
         return n if n <= self.size else 0
 
-    def fill_frames(self, mem: GuestMemory, frames: list[bytes], prefix: bytes = b"") -> int:
-        """Copy ``prefix`` + frame into the next available chain for each of ``frames``, in
-        order, while that chain is one device-writable buffer with room for it; publish the
-        used entries once after all of them (section 2.7.8). Returns how many were placed.
+    def fill_batch(
+        self, mem: GuestMemory, batch: FrameBatch, start: int = 0, prefix: bytes = b""
+    ) -> int:
+        """Copy ``prefix`` + frame into the next available chain for each frame of ``batch``
+        from ``start`` on, in order, while that chain is one device-writable buffer with room
+        for it; publish the used entries once after all of them (section 2.7.8). Returns how
+        many were placed.
 
         The first frame that does not fit so leaves its chain available for :meth:`pop`.
         With inflight tracking or chains to resubmit, it places nothing. In C where built.
         """
         if mem is not self._mem:
             self._bind(mem)
-        if self._resubmit or self.inflight is not None or not frames:
+        if self._resubmit or self.inflight is not None or start >= len(batch):
             return 0
         if _fastring is not None:
-            count, self.next_avail, self.next_used = _fastring.fill_frames(
+            count, self.next_avail, self.next_used = _fastring.fill_batch(
                 self._desc, self._avail, self._used, self.size, self.next_avail,
-                self.next_used, mem.table, frames, prefix,
+                self.next_used, mem.table, batch.data, batch.ends, start, prefix,
             )  # fmt: skip
             return count
         size = self.size
         nxt = self.next_avail
         ring = self._avail.cast("H")
         used: list[tuple[int, int]] = []
-        for frame in frames[: self._available()]:
+        for index in range(start, min(len(batch), start + self._available())):
             head: int = ring[2 + (nxt + len(used)) % size]
             if head >= size:
                 break
             addr, length, flags, _ = _desc_unpack(self._desc, 16 * head)
+            frame = batch.frame(index)
             need = len(prefix) + len(frame)
             if flags != VIRTQ_DESC_F_WRITE or need > length:
                 break

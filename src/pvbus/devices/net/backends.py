@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import os
 import select
 import socket
@@ -33,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pvbus.devices.net.frames import MAX_FRAME
+from pvbus.virtio.batch import BATCH_BYTES, FrameBatch
 
 __all__ = [
     "BackendClosedError",
@@ -82,15 +82,26 @@ class NetBackend(Protocol):
         """Release the fd."""
 
 
-class PeekBackend(NetBackend, Protocol):
-    """A backend whose waiting frames the device can look at before taking them (optional).
+class BatchBackend(NetBackend, Protocol):
+    """A backend that keeps frames as :class:`~pvbus.virtio.batch.FrameBatch` es (optional).
 
-    The device copies a burst of them straight into receive buffers
-    (:meth:`~pvbus.virtio.split.SplitQueue.fill_frames`) and then takes as many as it placed.
+    The device copies a transmit burst into one batch and hands it over
+    (:meth:`~pvbus.virtio.split.SplitQueue.pop_batch`), and copies waiting batches straight
+    into receive buffers (:meth:`~pvbus.virtio.split.SplitQueue.fill_batch`), then takes as
+    many frames as it placed: no Python object per frame either way.
     """
 
-    def peek_burst(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` waiting frames, oldest first, still waiting afterwards."""
+    def buffer(self) -> bytearray:
+        """A buffer for the device to copy the next batch into (the backend recycles them)."""
+
+    def send_batch(self, batch: FrameBatch) -> int:
+        """Keep the frames of ``batch`` that fit, in order; how many (the rest are dropped).
+
+        The backend owns the batch's buffer from now on; a batch of no frames gives it back.
+        """
+
+    def peek_batch(self) -> tuple[FrameBatch, int] | None:
+        """The oldest waiting batch and the index of its first waiting frame, if any."""
 
     def consume(self, count: int) -> None:
         """Take the ``count`` oldest waiting frames."""
@@ -103,10 +114,6 @@ class BurstBackend(NetBackend, Protocol):
     calling :meth:`NetBackend.send` for each: the per-frame cost of a Python call is a large
     part of the data path.
     """
-
-    #: Whether the backend holds on to frames after ``send_burst`` returns (then it is given
-    #: ``bytes`` copies rather than views of guest memory, which the driver reuses).
-    keeps_frames: bool
 
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """Send whole frames, one chunk each, in order; how many were sent.
@@ -191,8 +198,6 @@ class TapBackend:
         return True
 
     #: Frames are written before ``send_burst`` returns: views of guest memory will do.
-    keeps_frames = False
-
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """One write per frame, in order, until the tap refuses one (the rest are dropped)."""
         return send_each(self.send, frames)
@@ -241,8 +246,6 @@ class SeqpacketBackend:
         return True
 
     #: Frames are sent before ``send_burst`` returns: views of guest memory will do.
-    keeps_frames = False
-
     def send_burst(self, frames: Sequence[Chunk]) -> int:
         """One message per frame, in order, until the socket is full (the rest are dropped)."""
         return send_each(self.send, frames)
@@ -370,30 +373,40 @@ class LoopbackBackend:
     """Reflects every frame sent back to the device, as a cable from the port to itself.
 
     Frames wait in a bounded queue behind an eventfd the device watches; when the queue is
-    full (the driver does not receive), new frames are dropped.
+    full (the driver does not receive), new frames are dropped. They wait as
+    :class:`~pvbus.virtio.batch.FrameBatch` es, a transmit burst each, so the device moves
+    them in both directions with no Python object per frame (:class:`BatchBackend`).
     """
 
-    #: Frames wait in the queue after their chains are returned: copies, not views.
-    keeps_frames = True
+    #: Buffers of taken batches kept for reuse (a fresh one is zeroed pages to fault in).
+    POOL = 128
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._frames: deque[bytes] = deque()
+        self._batches: deque[FrameBatch] = deque()
+        self._free: list[bytearray] = []
+        #: Frames of the first batch already taken.
+        self._pos = 0
+        self._waiting = 0
         self._armed = False
 
     def fileno(self) -> int:
         return self.fd
 
+    def __len__(self) -> int:
+        """Frames waiting."""
+        return self._waiting
+
     def recv_into(self, buf: memoryview) -> int:
-        frames = self._frames
-        if not frames:
+        if not self._waiting:
             if self._armed:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.fd)
                 self._armed = False
             return 0
-        frame = frames.popleft()
+        frame = self._batches[0].frame(self._pos)
+        self.consume(1)
         n = len(frame)
         if n > len(buf):
             return 0
@@ -401,37 +414,63 @@ class LoopbackBackend:
         return n
 
     def send(self, parts: Sequence[Chunk]) -> bool:
-        if len(self._frames) >= self.limit:
-            return False
-        self._frames.append(b"".join(parts))
+        return self.send_batch(FrameBatch.of([b"".join(parts)])) == 1
+
+    def send_burst(self, frames: Sequence[Chunk]) -> int:
+        """Queue copies of the frames that fit, in order; the others are dropped uncopied."""
+        room = self.limit - self._waiting
+        if room <= 0 or not frames:
+            return 0
+        return self.send_batch(FrameBatch.of(frames[:room]))
+
+    def buffer(self) -> bytearray:
+        """A buffer of :data:`~pvbus.virtio.batch.BATCH_BYTES` to copy a batch into."""
+        return self._free.pop() if self._free else bytearray(BATCH_BYTES)
+
+    def _recycle(self, batch: FrameBatch) -> None:
+        data = batch.data
+        if type(data) is bytearray and len(data) == BATCH_BYTES and len(self._free) < self.POOL:
+            self._free.append(data)
+
+    def send_batch(self, batch: FrameBatch) -> int:
+        """Queue the frames of ``batch`` that fit, in order; the others are dropped."""
+        room = self.limit - self._waiting
+        if room <= 0 or not len(batch):
+            self._recycle(batch)
+            return 0
+        if len(batch) > room:
+            batch = batch.head(room)
+        self._batches.append(batch)
+        self._waiting += len(batch)
         if not self._armed:
             self._armed = True
             os.eventfd_write(self.fd, 1)
-        return True
+        return len(batch)
 
-    def peek_burst(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` waiting frames, oldest first, left waiting (see :meth:`consume`)."""
-        return list(itertools.islice(self._frames, limit))
+    def peek_batch(self) -> tuple[FrameBatch, int] | None:
+        """The oldest waiting batch and the index of its first frame not yet taken."""
+        return (self._batches[0], self._pos) if self._waiting else None
+
+    def waiting(self) -> list[bytes]:
+        """Copies of the waiting frames, oldest first (to look at, not on the data path)."""
+        out: list[bytes] = []
+        start = self._pos
+        for batch in self._batches:
+            out += batch.frames(start)
+            start = 0
+        return out
 
     def consume(self, count: int) -> None:
-        """Drop the ``count`` oldest frames (the device placed them)."""
-        popleft = self._frames.popleft
-        for _ in range(count):
-            popleft()
-
-    def send_burst(self, frames: Sequence[Chunk]) -> int:
-        """Queue the frames that fit, in order; the others are dropped without a copy."""
-        queued = self._frames
-        room = self.limit - len(queued)
-        if room <= 0:
-            return 0
-        if len(frames) > room:
-            frames = frames[:room]
-        queued.extend(map(bytes, frames))
-        if frames and not self._armed:
-            self._armed = True
-            os.eventfd_write(self.fd, 1)
-        return len(frames)
+        """Take the ``count`` oldest waiting frames (the device placed them)."""
+        count = min(count, self._waiting)
+        self._waiting -= count
+        batches = self._batches
+        pos = self._pos + count
+        while batches and pos >= len(batches[0]):
+            batch = batches.popleft()
+            pos -= len(batch)
+            self._recycle(batch)
+        self._pos = pos
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import cast
 
 from pvbus.devices.base import COMMON_FEATURES, DRAIN_WEIGHT, VirtioDevice
-from pvbus.devices.net.backends import BackendClosedError, Chunk, NetBackend, PeekBackend
+from pvbus.devices.net.backends import BackendClosedError, BatchBackend, Chunk, NetBackend
 from pvbus.devices.net.frames import (
     BROADCAST,
     ETH_HLEN,
@@ -43,6 +43,7 @@ from pvbus.devices.net.frames import (
     format_mac,
     random_mac,
 )
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.buffers import gather, skip
 from pvbus.virtio.constants import F_VERSION_1, DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
@@ -110,12 +111,10 @@ _U32 = struct.Struct("<I")
 _RX_BUDGET = 256
 #: Most transmit chains handled before their used entries are published.
 _TX_BURST = 64
-#: Frames taken at once by the common-case loop (SplitQueue.pop_frames).
+#: Frames taken at once by the common-case loops (SplitQueue.pop_frames / pop_batch).
 _TX_FRAMES = 256
 #: Most receive chains taken from the ring at a time.
 _RX_BURST = 64
-#: Frames copied into receive buffers per SplitQueue.fill_frames call.
-_RX_FILL = 256
 #: What NetDevice._fill_burst leaves to do: the general receive path, come back, or wait for
 #: the driver's buffers.
 _FILL_GENERAL, _FILL_MORE, _FILL_STARVED = range(3)
@@ -338,15 +337,28 @@ class NetDevice(VirtioDevice):
             # built): one buffer holding a header that asks for nothing and a frame of a valid
             # size, for one live backend that takes bursts and no steering to remember.
             backend = self.backend
+            if self.pairs == 1 and hasattr(backend, "send_batch"):
+                # A backend that keeps frames: copied into one of its buffers in one pass.
+                keeper = cast(BatchBackend, backend)
+                batch, heads = queue.pop_batch(
+                    mem, keeper.buffer(), _TX_FRAMES, skip=self.hdr_len,
+                    min_len=self.hdr_len + ETH_HLEN, max_len=self.hdr_len + MAX_FRAME,
+                    zero_prefix=2,
+                )  # fmt: skip
+                self._send_frame_batch(batch, keeper)  # no frames: the buffer goes back
+                if heads:
+                    queue.add_used_heads(mem, heads)
+                    done += len(batch)
+                    if done >= DRAIN_WEIGHT:
+                        return done  # drain() lets the receive side and the rest run
+                    continue
             send_burst = getattr(backend, "send_burst", None)
             if send_burst is not None and self.pairs == 1:
                 hdr_len = self.hdr_len
-                # A backend that keeps frames after their chains are returned gets copies
-                # made in the same pass; the others get views of guest memory.
+                # Views of guest memory, for a backend done with them when send_burst returns.
                 frames, heads = queue.pop_frames(
                     mem, _TX_FRAMES, skip=hdr_len, min_len=hdr_len + ETH_HLEN,
                     max_len=hdr_len + MAX_FRAME, zero_prefix=2,
-                    copy=getattr(backend, "keeps_frames", False),
                 )  # fmt: skip
                 if frames:
                     self._send_batch(frames, send_burst)
@@ -384,7 +396,7 @@ class NetDevice(VirtioDevice):
         fast = backend is not None and self.pairs == 1
         send = backend.send if backend is not None else _unsent
         send_burst: Callable[[Sequence[Chunk]], int] | None = getattr(backend, "send_burst", None)
-        batch: list[memoryview] = []
+        batch: list[Chunk] = []
         translate = mem.translate
         transmit = self._transmit
         frames = nbytes = dropped = 0
@@ -441,6 +453,18 @@ class NetDevice(VirtioDevice):
         if sent:
             stats.tx_frames += sent
             stats.tx_bytes += sum(map(len, batch if sent == len(batch) else batch[:sent]))
+        stats.tx_dropped += len(batch) - sent
+
+    def _send_frame_batch(self, batch: FrameBatch, backend: BatchBackend) -> None:
+        """Hand ``batch`` to a backend that keeps frames; count what it took and dropped."""
+        stats = self.stats
+        try:
+            sent = backend.send_batch(batch)
+        except BackendClosedError as err:
+            self._backend_failed(err)
+            sent = 0
+        stats.tx_frames += sent
+        stats.tx_bytes += batch.offset(sent)
         stats.tx_dropped += len(batch) - sent
 
     def _tx_pair_of(self, queue: SplitQueue) -> int:
@@ -534,8 +558,8 @@ class NetDevice(VirtioDevice):
             and self.queues[ready[0]].inflight is None
         ):
             filled = _FILL_GENERAL
-            if self.promisc and hasattr(backend, "peek_burst"):
-                filled = self._fill_burst(cast(PeekBackend, backend), ready[0], touched)
+            if self.promisc and hasattr(backend, "peek_batch"):
+                filled = self._fill_burst(cast(BatchBackend, backend), ready[0], touched)
             starved = filled == _FILL_STARVED
             if filled == _FILL_GENERAL:
                 # The frames fill_frames could not place, or (with none left) the backend's
@@ -572,35 +596,38 @@ class NetDevice(VirtioDevice):
         """The header of a received frame in one buffer (num_buffers 1 where it has one)."""
         return _RX_HEADER if self.hdr_len == HDR_LEN else bytes(self.hdr_len)
 
-    def _fill_burst(self, backend: PeekBackend, index: int, touched: set[int]) -> int:
-        """The receive loop's common case, a burst per call and no per-frame Python: frames
+    def _fill_burst(self, backend: BatchBackend, index: int, touched: set[int]) -> int:
+        """The receive loop's common case, a batch per call and no per-frame Python: frames
         that each fit the one device-writable buffer of the next chain are copied there behind
-        their header (num_buffers 1, 5.1.6.4) by :meth:`SplitQueue.fill_frames` (C where
+        their header (num_buffers 1, 5.1.6.4) by :meth:`SplitQueue.fill_batch` (C where
         built). It stops at the first frame that does not fit so; :meth:`_receive_burst` then
         takes that one and the rest, the general way. Only with no filter (promiscuous).
 
         Returns :data:`_FILL_GENERAL` when the general path is to go on (a frame that does not
-        fit one buffer, or the backend ran dry), :data:`_FILL_MORE` after a full budget (the
-        loop comes back: the backend is still readable), or :data:`_FILL_STARVED` when the
-        ring ran out of chains with frames still waiting: they stay in the backend, and the
-        driver is asked for a kick when it adds buffers (2.7.10).
+        fit one buffer, or the backend ran dry), :data:`_FILL_MORE` after
+        :data:`DRAIN_WEIGHT` frames (the loop comes back: the backend is still readable), or
+        :data:`_FILL_STARVED` when the ring ran out of chains with frames still waiting: they
+        stay in the backend, and the driver is asked for a kick when it adds buffers (2.7.10).
         """
         queue = self.queues[index]
         mem = self.mem
         header = self._rx_header
         stats = self.stats
-        for _ in range(DRAIN_WEIGHT // _RX_FILL):
-            frames = backend.peek_burst(_RX_FILL)
-            placed = queue.fill_frames(mem, frames, header) if frames else 0
+        done = 0
+        while done < DRAIN_WEIGHT:
+            waiting = backend.peek_batch()
+            if waiting is None:
+                return _FILL_GENERAL  # the backend ran dry
+            batch, start = waiting
+            placed = queue.fill_batch(mem, batch, start, header)
             if placed:
                 backend.consume(placed)
+                done += placed
                 stats.rx_frames += placed
-                stats.rx_bytes += sum(map(len, frames[:placed] if placed < len(frames) else frames))
+                stats.rx_bytes += batch.offset(start + placed) - batch.offset(start)
                 touched.add(index)
-            if placed == len(frames):
-                if placed < _RX_FILL:
-                    return _FILL_GENERAL  # the backend ran dry
-                continue
+                if start + placed == len(batch):
+                    continue
             if queue.avail_idx(mem) == queue.next_avail:  # out of receive chains
                 if not _want_kick(queue, mem):
                     return _FILL_STARVED
