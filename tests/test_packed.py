@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pvbus.testing import FakeGuest, MockPackedDriverQueue
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.constants import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -449,6 +450,18 @@ def test_pop_frames_takes_plain_buffers_and_stops_at_anything_else() -> None:
     assert pop(drv)[1] == [b"\0\0ab", b"cd"]
 
 
+def test_pop_batch_copies_what_fits_its_buffer() -> None:
+    guest, drv = setup(8)
+    ids = [drv.send([b"\0\0" + bytes([i]) * 40]) for i in range(3)]
+    queue = drv.device_queue
+    into = bytearray(90)
+    batch, heads = queue.pop_batch(guest.mem, into, 8, skip=2, zero_prefix=2)
+    assert batch.data is into and batch.frames() == [b"\0" * 40, b"\1" * 40]
+    assert list(memoryview(heads).cast("H")) == ids[:2]
+    batch, heads = queue.pop_batch(guest.mem, into, 8, skip=2, zero_prefix=2)
+    assert batch.frames() == [b"\2" * 40] and list(memoryview(heads).cast("H")) == ids[2:]
+
+
 @pytest.mark.parametrize(
     ("data", "kwargs"),
     [
@@ -465,12 +478,12 @@ def test_pop_frames_leaves_what_does_not_fit(data: bytes, kwargs: dict[str, Any]
     assert drv.device_queue.pending(guest.mem) == 1
 
 
-def test_fill_frames_copies_into_one_buffer_receive_chains() -> None:
+def test_fill_batch_copies_into_one_buffer_receive_chains() -> None:
     guest, drv = setup(8)
     ids = [drv.send([], [32]) for _ in range(3)]
     drv.send([], [4, 4])  # two buffers: the lane stops there
     frames = [b"a" * 10, b"b" * 20, b"c" * 5, b"d"]
-    placed = drv.device_queue.fill_frames(guest.mem, frames, b"HDR")
+    placed = drv.device_queue.fill_batch(guest.mem, FrameBatch.of([b"x", *frames]), 1, b"HDR")
     assert placed == 3
     got = drv.receive()
     assert [(h, n) for h, n, _ in got] == [(ids[0], 13), (ids[1], 23), (ids[2], 8)]

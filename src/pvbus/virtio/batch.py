@@ -48,6 +48,17 @@ class FrameBatch:
         ends = array.array("I", itertools.accumulate(map(len, frames)))
         return cls(b"".join(frames), ends.tobytes())
 
+    @classmethod
+    def into(cls, buffer: bytearray, frames: Sequence[Chunk]) -> FrameBatch:
+        """A batch of ``frames`` copied back to back into ``buffer`` (they must fit)."""
+        ends = array.array("I")
+        pos = 0
+        for frame in frames:
+            buffer[pos : pos + len(frame)] = frame
+            pos += len(frame)
+            ends.append(pos)
+        return cls(buffer, ends.tobytes())
+
     def __len__(self) -> int:
         return len(self._ends)
 

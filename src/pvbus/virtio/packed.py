@@ -31,6 +31,7 @@ import array
 import struct
 
 from pvbus.virtio.barrier import full_barrier
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.constants import (
     MAX_PACKED_QUEUE_SIZE,
     RING_EVENT_FLAGS_DESC,
@@ -397,15 +398,16 @@ class PackedQueue:
         max_len: int = 0xFFFFFFFF,
         zero_prefix: int = 0,
         write: bool = False,
-        copy: bool = False,
-    ) -> tuple[list[memoryview] | list[bytes], bytes]:
+        max_bytes: int = -1,
+    ) -> tuple[list[memoryview], bytes]:
         """Take up to ``limit`` chains while each is the common simple case
         (:meth:`SplitQueue.pop_frames`'s contract; here always in Python).
 
         One descriptor of the direction asked for, of ``min_len`` to ``max_len`` bytes, in one
-        memory region, its first ``zero_prefix`` bytes zero. Returns views past ``skip`` bytes
-        (``bytes`` copies with ``copy``) and the buffer ids as native uint16s, for
-        :meth:`add_used_heads`. With inflight tracking, or chains to resubmit, takes nothing.
+        memory region, its first ``zero_prefix`` bytes zero (and, with ``max_bytes``, while
+        the views add up to no more). Returns views past ``skip`` bytes and the buffer ids as
+        native uint16s, for :meth:`add_used_heads`. With inflight tracking, or chains to
+        resubmit, takes nothing.
         """
         if mem is not self._mem:
             self._bind(mem)
@@ -422,12 +424,16 @@ class PackedQueue:
         zeros = bytes(zero_prefix)
         views: list[memoryview] = []
         heads = array.array("H")
+        total = 0
         for _ in range(limit):
             flags = ring16[8 * pos + 7]
             if flags & _WRAP_BITS != bits or flags ^ bits != want:
                 break
             addr, length, bid, _ = _desc_unpack(ring, 16 * pos)
             if not min_len <= length <= max_len:
+                break
+            total += length - skip
+            if 0 <= max_bytes < total:
                 break
             try:
                 buf = translate(addr, length)
@@ -444,16 +450,39 @@ class PackedQueue:
         self.avail_pos = pos
         self._avail_bits = bits
         self.next_avail = (self.next_avail + len(views)) & 0xFFFF
-        return ([bytes(v) for v in views] if copy else views), heads.tobytes()
+        return views, heads.tobytes()
 
-    def fill_frames(self, mem: GuestMemory, frames: list[bytes], prefix: bytes = b"") -> int:
-        """Copy ``prefix`` + frame into the next available chain for each of ``frames``, in
-        order, while that chain is one device-writable buffer with room for it; return them
-        together (:meth:`SplitQueue.fill_frames`'s contract). Returns how many were placed."""
+    def pop_batch(
+        self,
+        mem: GuestMemory,
+        into: bytearray,
+        limit: int,
+        *,
+        skip: int = 0,
+        min_len: int = 0,
+        max_len: int = 0xFFFFFFFF,
+        zero_prefix: int = 0,
+    ) -> tuple[FrameBatch, bytes]:
+        """The chains :meth:`pop_frames` takes, as many as fit, copied back to back into
+        ``into`` (:meth:`SplitQueue.pop_batch`'s contract; here in Python)."""
+        views, heads = self.pop_frames(
+            mem, limit, skip=skip, min_len=min_len, max_len=max_len,
+            zero_prefix=zero_prefix, max_bytes=len(into),
+        )  # fmt: skip
+        return FrameBatch.into(into, views), heads
+
+    def fill_batch(
+        self, mem: GuestMemory, batch: FrameBatch, start: int = 0, prefix: bytes = b""
+    ) -> int:
+        """Copy ``prefix`` + frame into the next available chain for each frame of ``batch``
+        from ``start`` on, in order, while that chain is one device-writable buffer with room
+        for it; return them together (:meth:`SplitQueue.fill_batch`'s contract). Returns how
+        many were placed."""
         if mem is not self._mem:
             self._bind(mem)
-        if self._resubmit or self.inflight is not None or not frames:
+        if self._resubmit or self.inflight is not None or start >= len(batch):
             return 0
+        frames = batch.frames(start)
         ring16 = self._ring16
         ring = self._ring
         size = self.size

@@ -375,13 +375,7 @@ class SplitQueue:
             mem, limit, want=0, skip=skip, min_len=min_len, max_len=max_len,
             zero_prefix=zero_prefix, max_bytes=len(into),
         )  # fmt: skip
-        ends = array.array("I")
-        pos = 0
-        for view in views:
-            into[pos : pos + len(view)] = view
-            pos += len(view)
-            ends.append(pos)
-        return FrameBatch(into, ends.tobytes()), heads
+        return FrameBatch.into(into, views), heads
 
     def _pop_frames_py(
         self,
