@@ -33,7 +33,7 @@ from pvbus.vhost_user.messages import (
     VringAddr,
     VringState,
 )
-from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, DeviceStatus
+from pvbus.virtio.constants import F_EVENT_IDX, F_RING_PACKED, F_VERSION_1, DeviceStatus
 from pvbus.virtio.driver import DriverQueue, ring_layout
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
@@ -188,8 +188,13 @@ def harness(make_blk: MakeBlk) -> Iterator[Harness]:
     h.close()
 
 
-def negotiate(h: Harness, *, protocol: bool = True, reply_ack: bool = False) -> None:
+def negotiate(
+    h: Harness, *, protocol: bool = True, reply_ack: bool = False, packed: bool = False
+) -> None:
+    """Ack what the backend offers, split rings unless ``packed``, then set the memory."""
     features = h.get_u64(Request.GET_FEATURES)
+    if not packed:
+        features &= ~(1 << F_RING_PACKED)
     if not protocol:
         features &= ~(1 << F_PROTOCOL_FEATURES)
     h.send(Request.SET_OWNER)

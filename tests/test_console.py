@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,8 +33,17 @@ from pvbus.devices.console.device import (
     PORT_READY,
     port_queues,
 )
-from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.testing import FakeGuest, MockDriverQueue, MockPackedDriverQueue, mock_queue
 from pvbus.virtio.errors import QueueError
+
+#: Whether the mock queues are packed rings (VIRTIO 1.2 section 2.8); every test runs with
+#: split rings and then with packed ones (the ``ring_layout`` fixture).
+PACKED = False
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["split", "packed"])
+def ring_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "PACKED", request.param)
 
 
 class FakeReactor:
@@ -67,9 +77,9 @@ class Driver:
         self.dev.mem = self.guest.mem
         self.interrupts: list[int] = []
         self.dev.interrupt = self.interrupts.append
-        self.q: list[MockDriverQueue] = []
+        self.q: list[MockDriverQueue | MockPackedDriverQueue] = []
         for i in range(self.dev.num_queues):
-            mock = MockDriverQueue(self.guest, 64)
+            mock = mock_queue(self.guest, 64, packed=PACKED)
             self.dev.queues[i] = mock.device_queue
             self.q.append(mock)
         for i in range(self.dev.num_queues):

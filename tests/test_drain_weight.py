@@ -16,7 +16,7 @@ from pvbus.frontend._memory import MemfdMemory
 from pvbus.testing import ServedDevice
 from pvbus.virtio.constants import F_VERSION_1, bit
 from pvbus.virtio.memory import GuestMemory
-from pvbus.virtio.split import SplitQueue
+from pvbus.virtio.queue import Virtqueue
 
 
 class HotAndCold(VirtioDevice):
@@ -32,11 +32,11 @@ class HotAndCold(VirtioDevice):
     def process(self, index: int) -> None:
         self.drain(index, self._hot if index == 0 else self._cold)
 
-    def _hot(self, queue: SplitQueue, mem: GuestMemory) -> int:
+    def _hot(self, queue: Virtqueue, mem: GuestMemory) -> int:
         self.hot_rounds += 1
         return 300  # claims work but leaves the chain available: the ring never empties
 
-    def _cold(self, queue: SplitQueue, mem: GuestMemory) -> int:
+    def _cold(self, queue: Virtqueue, mem: GuestMemory) -> int:
         done = 0
         while (chain := queue.pop(mem)) is not None:
             queue.add_used(mem, chain.head, 0)

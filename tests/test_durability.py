@@ -14,6 +14,7 @@ import pytest
 
 from conftest import MakeBlk
 from pvbus.devices.blk.device import S_OK, T_FLUSH, T_OUT
+from pvbus.testing import MockDriverQueue
 from pvbus.virtio.blk import F_CONFIG_WCE, F_FLUSH
 from test_blk import Blk, image_bytes
 
@@ -44,6 +45,7 @@ def test_writeback_writes_sync_only_on_flush(
 ) -> None:
     blk = Blk(make_blk())
     drv = blk.drivers[0]
+    assert isinstance(drv, MockDriverQueue)
     seen: list[int] = []  # the used index the driver could see at each fdatasync
     real = os.fdatasync
 

@@ -37,12 +37,13 @@ from pvbus.devices.net.device import (
     F_STATUS,
 )
 from pvbus.devices.net.frames import HDR_LEN, MAX_FRAME, NET_HDR, format_mac, parse_mac
-from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.testing import FakeGuest, MockDriverQueue, MockPackedDriverQueue, mock_queue
 from pvbus.virtio import split
 from pvbus.virtio.batch import FrameBatch
-from pvbus.virtio.constants import F_EVENT_IDX, F_VERSION_1, bit
+from pvbus.virtio.constants import F_EVENT_IDX, F_RING_PACKED, F_VERSION_1, bit
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.memory import GuestMemory
+from pvbus.virtio.queue import Virtqueue
 from pvbus.virtio.split import SplitQueue
 
 
@@ -85,7 +86,7 @@ class CountingQueue(SplitQueue):
 
     __slots__ = ("_counted", "publishes")
 
-    def __init__(self, twin: SplitQueue) -> None:
+    def __init__(self, twin: Virtqueue) -> None:
         super().__init__(twin.max_size)
         for name in ("size", "desc_addr", "avail_addr", "used_addr", "ready", "event_idx"):
             setattr(self, name, getattr(twin, name))
@@ -126,6 +127,7 @@ class Rig:
         event_idx: bool = False,
         queue_size: int = 64,
         backend: NetBackend | None = None,
+        packed: bool = False,
     ) -> None:
         self.guest = FakeGuest(4 << 20)
         self.peer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -140,10 +142,11 @@ class Rig:
             features = self.dev.device_features()
         if not event_idx:
             features &= ~bit(F_EVENT_IDX)
+        features = features | bit(F_RING_PACKED) if packed else features & ~bit(F_RING_PACKED)
         self.dev.set_features(features)
-        self.q: list[MockDriverQueue] = []
+        self.q: list[MockDriverQueue | MockPackedDriverQueue] = []
         for i in range(self.dev.num_queues):
-            mq = MockDriverQueue(self.guest, queue_size, event_idx=event_idx)
+            mq = mock_queue(self.guest, queue_size, event_idx=event_idx, packed=packed)
             self.dev.queues[i] = mq.device_queue
             self.q.append(mq)
         for i in range(self.dev.num_queues):
@@ -383,6 +386,7 @@ def test_transmit_with_bad_address_is_counted(rig: Rig) -> None:
 
 def test_broken_ring_raises_queue_error(rig: Rig) -> None:
     q = rig.q[1]
+    assert isinstance(q, MockDriverQueue)
     q.write_desc(0, rig.guest.put(bytes(64)), 64, 1, 0)  # NEXT to itself: a loop
     q.push_avail(0)
     q.publish()
@@ -569,6 +573,7 @@ def test_too_big_frame_in_one_buffer_is_a_tx_error(rig: Rig) -> None:
 
 def test_broken_chain_mid_burst_comes_after_the_chains_before_it(rig: Rig) -> None:
     q = rig.q[1]
+    assert isinstance(q, MockDriverQueue)
     before = [frame(PEER, MAC, bytes([i]) * 40) for i in range(3)]
     for f in before:
         q.send([bytes(HDR_LEN) + f], publish=False)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 import pytest
 
 from pvbus.devices.rng import RngConfig, RngDevice
 from pvbus.devices.rng import cli as rng_cli
-from pvbus.testing import FakeGuest, MockDriverQueue
+from pvbus.testing import FakeGuest, MockDriverQueue, MockPackedDriverQueue, mock_queue
 from pvbus.virtio.constants import DeviceId
 from pvbus.virtio.errors import QueueError
+
+#: Whether the mock queues are packed rings (VIRTIO 1.2 section 2.8); every test runs with
+#: split rings and then with packed ones (the ``ring_layout`` fixture).
+PACKED = False
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["split", "packed"])
+def ring_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "PACKED", request.param)
 
 
 class FakeReactor:
@@ -56,9 +66,9 @@ def counting_source() -> Callable[[int], bytes]:
 
 def setup(
     config: RngConfig | None = None,
-) -> tuple[RngDevice, MockDriverQueue, FakeReactor, Clock]:
+) -> tuple[RngDevice, MockDriverQueue | MockPackedDriverQueue, FakeReactor, Clock]:
     guest = FakeGuest()
-    mock = MockDriverQueue(guest, 16)
+    mock = mock_queue(guest, 16, packed=PACKED)
     clock = Clock()
     dev = RngDevice(config, source=counting_source(), clock=clock)
     dev.mem = guest.mem
@@ -93,7 +103,7 @@ def test_fills_every_writable_buffer() -> None:
 
 def test_real_entropy_differs() -> None:
     guest = FakeGuest()
-    mock = MockDriverQueue(guest, 8)
+    mock = mock_queue(guest, 8, packed=PACKED)
     dev = RngDevice()
     dev.mem, dev.queues[0] = guest.mem, mock.device_queue
     dev.queue_started(0)

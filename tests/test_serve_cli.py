@@ -71,12 +71,17 @@ def serve(tmp_path: Path, image: Path) -> Iterator[tuple[subprocess.Popen[bytes]
         stop(proc, signal.SIGKILL)
 
 
-def test_serves_reads_and_writes(serve: tuple[subprocess.Popen[bytes], Path], image: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_serves_reads_and_writes(
+    serve: tuple[subprocess.Popen[bytes], Path], image: Path, packed: bool
+) -> None:
     _, sock = serve
     with VhostUserClient(str(sock)) as client:
-        client.negotiate()
+        client.negotiate(packed=packed)
         assert client.get_u64(Request.GET_QUEUE_NUM) == 1
-        client.start_queue(0)
+        client.start_queue(0, size=8)
+        for i in range(20):  # past the end of the ring, more than once
+            assert client.blk(T_IN, i, read=512) == (S_OK, sector(i))
         assert client.blk(T_IN, 3, read=1024) == (S_OK, sector(3) + sector(4))
         payload = os.urandom(512)
         assert client.blk(T_OUT, 9, payload)[0] == S_OK

@@ -1,8 +1,9 @@
 """A small blocking vhost-user frontend for tests: the codec over a real Unix socket.
 
 It negotiates features (with REPLY_ACK, so every request is acknowledged), shares one memfd
-as guest memory, starts split rings with kick and call eventfds and issues virtio-blk reads
-and writes through :class:`~pvbus.virtio.driver.DriverQueue`.
+as guest memory, starts split rings (packed ones if asked) with kick and call eventfds and
+issues virtio-blk reads and writes through :class:`~pvbus.virtio.driver.DriverQueue` (or
+:class:`~pvbus.virtio.packed_driver.PackedDriverQueue`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from pvbus.vhost_user.messages import (
     VringAddr,
     VringState,
 )
-from pvbus.virtio.constants import F_EVENT_IDX
+from pvbus.virtio.constants import F_EVENT_IDX, F_RING_PACKED
 from pvbus.virtio.driver import DriverQueue, ring_layout
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
+from pvbus.virtio.packed_driver import PackedDriverQueue, packed_ring_layout
+from pvbus.virtio.queue import DriverRing
 
 GPA = 0x4000_0000
 UADDR = 0x7F00_0000_0000
@@ -53,7 +56,7 @@ class VhostUserClient:
         self.memfd = -1
         self.features = 0
         self.mem: GuestMemory | None = None
-        self.queues: dict[int, tuple[DriverQueue, int, int]] = {}
+        self.queues: dict[int, tuple[DriverRing, int, int]] = {}
         self._next = GPA + 0x100000
 
     def close(self) -> None:
@@ -125,10 +128,14 @@ class VhostUserClient:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def negotiate(self) -> int:
-        """Features, protocol features with REPLY_ACK, owner, memory; returns the features."""
+    def negotiate(self, *, packed: bool = False) -> int:
+        """Features (packed rings only if asked), protocol features with REPLY_ACK, owner,
+        memory; returns the features."""
         features = self.get_u64(Request.GET_FEATURES)
         assert features & (1 << F_PROTOCOL_FEATURES)
+        if not packed:
+            features &= ~(1 << F_RING_PACKED)
+        assert not packed or features & (1 << F_RING_PACKED)
         self.send(Request.SET_FEATURES, U64(features))
         self.features = features
         offered = self.get_u64(Request.GET_PROTOCOL_FEATURES)
@@ -142,19 +149,27 @@ class VhostUserClient:
         self.ack(Request.SET_MEM_TABLE, table, (self.memfd,))
         return features
 
-    def start_queue(self, index: int, size: int = 64, *, polled: bool = False) -> DriverQueue:
+    def start_queue(self, index: int, size: int = 64, *, polled: bool = False) -> DriverRing:
         """Set up and start ring ``index``; ``polled``: no kick fd, the backend polls it."""
         assert self.mem is not None
-        desc, avail, used, _ = ring_layout(size, GPA + 0x10000 * (index + 1))
         event_idx = bool(self.features & (1 << F_EVENT_IDX))
-        drv = DriverQueue(self.mem, size, desc, avail, used, event_idx=event_idx)
+        drv: DriverRing
+        if self.features & (1 << F_RING_PACKED):
+            desc, avail, used, _ = packed_ring_layout(size, GPA + 0x10000 * (index + 1))
+            packed = PackedDriverQueue(self.mem, size, desc, avail, used, event_idx=event_idx)
+            base = packed.vring_base()
+            drv = packed
+        else:
+            desc, avail, used, _ = ring_layout(size, GPA + 0x10000 * (index + 1))
+            drv = DriverQueue(self.mem, size, desc, avail, used, event_idx=event_idx)
+            base = 0
         kick = -1 if polled else os.eventfd(0, os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.queues[index] = (drv, kick, call)
         self.ack(Request.SET_VRING_NUM, VringState(index, size))
         u = UADDR - GPA
         self.ack(Request.SET_VRING_ADDR, VringAddr(index, 0, desc + u, used + u, avail + u))
-        self.ack(Request.SET_VRING_BASE, VringState(index, 0))
+        self.ack(Request.SET_VRING_BASE, VringState(index, base))
         self.ack(Request.SET_VRING_CALL, U64(index), (call,))
         if polled:
             self.ack(Request.SET_VRING_KICK, U64(index | VRING_NOFD_MASK))

@@ -13,12 +13,15 @@ from collections.abc import Callable
 from time import perf_counter_ns
 from typing import ClassVar, Protocol
 
-from pvbus.virtio.constants import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
+from pvbus.virtio.constants import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, bit
 from pvbus.virtio.memory import GuestMemory
+from pvbus.virtio.packed import PackedQueue
+from pvbus.virtio.queue import Virtqueue
 from pvbus.virtio.split import SplitQueue
 
-#: Ring features every pvbus device offers (sections 2.7.5.3, 2.7.10, 6).
-COMMON_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
+#: Ring features every pvbus device offers (sections 2.7.5.3, 2.7.10, 2.8, 6): indirect
+#: descriptors, event index, and packed rings besides split ones.
+COMMON_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX) | bit(F_RING_PACKED)
 
 #: Chains one :meth:`VirtioDevice.drain` completes before it lets other work run (the
 #: transport calls the queue again right after): a driver that keeps a queue full must not
@@ -89,7 +92,10 @@ class VirtioDevice:
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.mem = GuestMemory()
-        self.queues = [SplitQueue(max_queue_size) for _ in range(num_queues)]
+        #: The device's virtqueues: split rings (section 2.7) until the driver acknowledges
+        #: VIRTIO_F_RING_PACKED, then packed ones (section 2.8); devices see only
+        #: :class:`~pvbus.virtio.queue.Virtqueue`.
+        self.queues: list[Virtqueue] = [SplitQueue(max_queue_size) for _ in range(num_queues)]
         self.interrupt: Callable[[int], None] = _no_interrupt
         #: Set by a transport that can call :meth:`process` again for a queue once other work
         #: had its turn; without one, :meth:`drain` goes on until the queue is empty.
@@ -114,11 +120,31 @@ class VirtioDevice:
         """The driver wrote ``data`` at ``offset`` of the config space; ignored by default."""
 
     def set_features(self, features: int) -> None:
-        """The driver acknowledged ``features`` (a subset of :meth:`device_features`)."""
+        """The driver acknowledged ``features`` (a subset of :meth:`device_features`).
+
+        The queues take the ring layout the features name: with VIRTIO_F_RING_PACKED they
+        become :class:`~pvbus.virtio.packed.PackedQueue` s, without it split ones (only their
+        size carries over; the transport sets the rest when it starts them).
+        """
         self.acked_features = features
+        self.use_packed_rings(bool(features & bit(F_RING_PACKED)))
         event_idx = bool(features & bit(F_EVENT_IDX))
         for queue in self.queues:
             queue.event_idx = event_idx
+
+    @property
+    def packed_rings(self) -> bool:
+        """Whether the queues are packed virtqueues."""
+        return isinstance(self.queues[0], PackedQueue) if self.queues else False
+
+    def use_packed_rings(self, packed: bool) -> None:
+        """Make every queue a packed (or a split) virtqueue, if it is not one already."""
+        kind: type[PackedQueue] | type[SplitQueue] = PackedQueue if packed else SplitQueue
+        for i, queue in enumerate(self.queues):
+            if not isinstance(queue, kind):
+                fresh = kind(queue.max_size)
+                fresh.size = queue.size
+                self.queues[i] = fresh
 
     # -- the data path ----------------------------------------------------------------------
 
@@ -140,7 +166,7 @@ class VirtioDevice:
         if self.queues[index].needs_notification(self.mem):
             self.interrupt(index)
 
-    def drain(self, index: int, handle: Callable[[SplitQueue, GuestMemory], int]) -> None:
+    def drain(self, index: int, handle: Callable[[Virtqueue, GuestMemory], int]) -> None:
         """Process queue ``index`` with kicks suppressed until it is empty, then signal once.
 
         ``handle`` pops and completes what is available and returns how many it completed
@@ -177,6 +203,7 @@ class VirtioDevice:
     def reset(self) -> None:
         """Device reset (section 2.1.2): common state, then :meth:`reset_device`."""
         self.acked_features = 0
+        self.use_packed_rings(False)
         for queue in self.queues:
             queue.reset()
         self.reset_device()

@@ -36,10 +36,17 @@ from pvbus.vhost_user.messages import (
     VringAddr,
     VringState,
 )
-from pvbus.virtio.constants import MAX_QUEUE_SIZE, DeviceStatus
+from pvbus.virtio.constants import F_RING_PACKED, MAX_QUEUE_SIZE, DeviceStatus
 from pvbus.virtio.errors import VirtioError
-from pvbus.virtio.inflight import SplitInflight, queue_region_size
+from pvbus.virtio.inflight import (
+    PackedInflight,
+    SplitInflight,
+    packed_region_size,
+    queue_region_size,
+)
 from pvbus.virtio.memory import MAX_REGIONS, GuestMemory, MemoryRegion
+from pvbus.virtio.packed import PackedQueue
+from pvbus.virtio.split import SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ class RingListener(Protocol):
 
 @dataclass(slots=True)
 class Ring:
-    """vhost-user state of one vring, beside the device's :class:`SplitQueue`."""
+    """vhost-user state of one vring, beside the device's queue (split or packed)."""
 
     addr: VringAddr | None = None
     kick_fd: int | None = None
@@ -128,6 +135,9 @@ class BackendSession:
         self.rings = [Ring() for _ in range(device.num_queues)]
         self.inflight: MemoryRegion | None = None
         self.inflight_queue_size = 0
+        #: The inflight area's per-queue format: QueueRegionPacked or QueueRegionSplit, as the
+        #: features said when the area was handed out or over.
+        self.inflight_packed = False
         self.log = log
 
     # -- entry point ------------------------------------------------------------------------
@@ -185,6 +195,9 @@ class BackendSession:
         extra = features & ~self.offered_features()
         if extra:
             raise RemoteProtocolError(f"SET_FEATURES acks unoffered bits {extra:#x}")
+        packed = bool(features & (1 << F_RING_PACKED))
+        if packed != self.device.packed_rings and any(ring.started for ring in self.rings):
+            raise RemoteProtocolError("SET_FEATURES changes the ring layout of started vrings")
         self.features = features
         self.device.set_features(features & ~(1 << F_PROTOCOL_FEATURES))
 
@@ -323,21 +336,32 @@ class BackendSession:
 
     # -- inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) -----------------------
 
+    def _region_size(self, queue_size: int) -> int:
+        """One queue's part of the inflight area, in the format of the negotiated rings."""
+        if self.device.packed_rings:
+            return packed_region_size(queue_size)
+        return queue_region_size(queue_size)
+
     def _check_inflight(self, req: Inflight) -> int:
         size = req.queue_size
         if not 1 <= req.num_queues <= len(self.rings):
             raise RemoteProtocolError(f"inflight area for {req.num_queues} queues")
         if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise RemoteProtocolError(f"inflight area for queues of {size}")
-        return req.num_queues * queue_region_size(size)
+        return req.num_queues * self._region_size(size)
 
     def _use_inflight(self, region: MemoryRegion, queue_size: int) -> None:
         for queue in self.device.queues:
-            queue.attach_inflight(self.device.mem, None)
+            if isinstance(queue, PackedQueue):
+                queue.attach_inflight(self.device.mem, None)
+            else:
+                assert isinstance(queue, SplitQueue)
+                queue.attach_inflight(self.device.mem, None)
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = region
         self.inflight_queue_size = queue_size
+        self.inflight_packed = self.device.packed_rings
 
     def _on_get_inflight_fd(self, msg: Message) -> Message:
         """A fresh, zeroed area the frontend keeps and hands back to every backend instance."""
@@ -367,11 +391,20 @@ class BackendSession:
             _close(msg.fds[0])
         self._use_inflight(region, req.queue_size)
 
-    def _inflight_for(self, index: int) -> SplitInflight | None:
+    def _inflight_for(self, index: int) -> SplitInflight | PackedInflight | None:
         area = self.inflight
         if area is None:
             return None
-        span = queue_region_size(self.inflight_queue_size)
+        packed = self.inflight_packed
+        if packed != self.device.packed_rings:
+            self.log.warning(
+                "vring %d: the inflight area was made for %s rings: not tracked",
+                index,
+                "packed" if packed else "split",
+            )
+            return None
+        qsize = self.inflight_queue_size
+        span = packed_region_size(qsize) if packed else queue_region_size(qsize)
         if (index + 1) * span > area.size:
             return None
         size = self.device.queues[index].size
@@ -385,7 +418,10 @@ class BackendSession:
                 self.inflight_queue_size,
             )
             return None
-        return SplitInflight(area.buf[index * span : (index + 1) * span], self.inflight_queue_size)
+        view = area.buf[index * span : (index + 1) * span]
+        if packed:
+            return PackedInflight(view, qsize)
+        return SplitInflight(view, qsize)
 
     # -- vrings -----------------------------------------------------------------------------
 
@@ -395,7 +431,10 @@ class BackendSession:
             raise RemoteProtocolError(f"SET_VRING_NUM on started vring {msg.payload.index}")
         queue = self.device.queues[msg.payload.index]
         num = msg.payload.num
-        if num < 1 or num > queue.max_size or num & (num - 1):
+        if isinstance(queue, PackedQueue):  # any size up to 2**15 (VIRTIO 1.2 section 2.8)
+            if not 1 <= num <= queue.max_size:
+                raise RemoteProtocolError(f"vring size {num} (max {queue.max_size})")
+        elif num < 1 or num > queue.max_size or num & (num - 1):
             raise RemoteProtocolError(f"vring size {num} (max {queue.max_size}, power of two)")
         queue.size = num
 
@@ -418,7 +457,10 @@ class BackendSession:
         _close(ring.kick_fd)
         ring.kick_fd = None
         queue = self.device.queues[index]
-        return self._reply(msg, VringState(index, queue.next_avail))
+        # A packed ring's base holds both sides' positions and wrap counters (vhost-user.rst
+        # "Vring descriptor indices for packed virtqueues"); a split ring's the next avail index.
+        base = queue.vring_base() if isinstance(queue, PackedQueue) else queue.next_avail
+        return self._reply(msg, VringState(index, base))
 
     def _vring_fd(self, msg: Message) -> tuple[int, Ring, int | None]:
         assert isinstance(msg.payload, U64)
@@ -476,10 +518,20 @@ class BackendSession:
         addr = ring.addr
         size = queue.size
         queue.desc_addr = mem.uaddr_to_gpa(addr.desc, 16 * size)
-        queue.avail_addr = mem.uaddr_to_gpa(addr.avail, 6 + 2 * size)
-        queue.used_addr = mem.uaddr_to_gpa(addr.used, 6 + 8 * size)
-        queue.unbind()
-        resubmit = queue.attach_inflight(mem, self._inflight_for(index))
+        inflight = self._inflight_for(index)
+        if isinstance(queue, PackedQueue):
+            # Driver and device areas: the event suppression structures (section 2.8.10).
+            queue.avail_addr = mem.uaddr_to_gpa(addr.avail, 4)
+            queue.used_addr = mem.uaddr_to_gpa(addr.used, 4)
+            queue.unbind()
+            assert not isinstance(inflight, SplitInflight)
+            resubmit = queue.attach_inflight(mem, inflight)
+        else:
+            assert isinstance(queue, SplitQueue) and not isinstance(inflight, PackedInflight)
+            queue.avail_addr = mem.uaddr_to_gpa(addr.avail, 6 + 2 * size)
+            queue.used_addr = mem.uaddr_to_gpa(addr.used, 6 + 8 * size)
+            queue.unbind()
+            resubmit = queue.attach_inflight(mem, inflight)
         if resubmit:
             self.log.info("vring %d: resubmitting %d inflight requests", index, resubmit)
         queue.ready = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from pvbus.virtio.batch import FrameBatch
 from pvbus.virtio.memory import GuestMemory
 from pvbus.virtio.split import Buffer, DescriptorChain, Popped
 
@@ -66,6 +67,38 @@ class Virtqueue(Protocol):
     def pop_burst(self, mem: GuestMemory, limit: int, *, write: bool = False) -> list[Popped]:
         """Take up to ``limit`` chains; one-buffer chains of the direction asked for come as
         ``(head, addr, length, None)``, the others as ``(head, 0, 0, chain)``."""
+
+    def pop_frames(
+        self,
+        mem: GuestMemory,
+        limit: int,
+        *,
+        skip: int = 0,
+        min_len: int = 0,
+        max_len: int = 0xFFFFFFFF,
+        zero_prefix: int = 0,
+        write: bool = False,
+    ) -> tuple[list[memoryview], bytes]:
+        """Take up to ``limit`` chains while each is one plain buffer: views past ``skip``
+        bytes and the heads as native uint16s (the fast lane; see SplitQueue.pop_frames)."""
+
+    def pop_batch(
+        self,
+        mem: GuestMemory,
+        into: bytearray,
+        limit: int,
+        *,
+        skip: int = 0,
+        min_len: int = 0,
+        max_len: int = 0xFFFFFFFF,
+        zero_prefix: int = 0,
+    ) -> tuple[FrameBatch, bytes]:
+        """What :meth:`pop_frames` takes, copied back to back into ``into``."""
+
+    def fill_batch(
+        self, mem: GuestMemory, batch: FrameBatch, start: int = 0, prefix: bytes = b""
+    ) -> int:
+        """Copy frames into one-buffer receive chains and return them; how many were placed."""
 
     def add_used_heads(self, mem: GuestMemory, heads: bytes, length: int = 0) -> None:
         """Return the chains ``heads`` (native uint16s from :meth:`pop_frames`)."""

@@ -48,6 +48,8 @@ from pvbus.virtio.buffers import gather, skip
 from pvbus.virtio.constants import F_VERSION_1, DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
+from pvbus.virtio.packed import PackedQueue
+from pvbus.virtio.queue import Virtqueue
 from pvbus.virtio.split import DescriptorChain, Popped, SplitQueue
 
 __all__ = [
@@ -320,7 +322,7 @@ class NetDevice(VirtioDevice):
 
     # -- transmit (5.1.6.2) -----------------------------------------------------------------
 
-    def _handle_tx(self, queue: SplitQueue, mem: GuestMemory) -> int:
+    def _handle_tx(self, queue: Virtqueue, mem: GuestMemory) -> int:
         """Send what the driver made available, a burst at a time.
 
         The used index is published once per burst (section 2.7.8 lets the device return
@@ -467,7 +469,7 @@ class NetDevice(VirtioDevice):
         stats.tx_bytes += batch.offset(sent)
         stats.tx_dropped += len(batch) - sent
 
-    def _tx_pair_of(self, queue: SplitQueue) -> int:
+    def _tx_pair_of(self, queue: Virtqueue) -> int:
         return self.queues.index(queue) // 2 if self.pairs > 1 else 0
 
     def _transmit(self, chain: DescriptorChain, mem: GuestMemory, pair: int) -> None:
@@ -628,7 +630,7 @@ class NetDevice(VirtioDevice):
                 touched.add(index)
                 if start + placed == len(batch):
                     continue
-            if queue.avail_idx(mem) == queue.next_avail:  # out of receive chains
+            if not _has_chains(queue, mem):  # out of receive chains
                 if not _want_kick(queue, mem):
                     return _FILL_STARVED
                 continue  # buffers came meanwhile
@@ -777,7 +779,7 @@ class NetDevice(VirtioDevice):
             return -2
         return index if result >= 0 else -2
 
-    def _place(self, queue: SplitQueue, mem: GuestMemory, frame: memoryview) -> int:
+    def _place(self, queue: Virtqueue, mem: GuestMemory, frame: memoryview) -> int:
         """Write ``frame`` into chains of ``queue``: 0 done, -1 no room yet, -2 dropped."""
         hdr_len = self.hdr_len
         need = hdr_len + len(frame)
@@ -843,7 +845,7 @@ class NetDevice(VirtioDevice):
         return 0
 
     def _bad_rx_chains(
-        self, queue: SplitQueue, mem: GuestMemory, chains: list[DescriptorChain]
+        self, queue: Virtqueue, mem: GuestMemory, chains: list[DescriptorChain]
     ) -> None:
         """Complete receive chains with nothing written; one of them has readable buffers."""
         self.stats.rx_errors += 1
@@ -852,7 +854,7 @@ class NetDevice(VirtioDevice):
 
     # -- control queue (5.1.6.5) ------------------------------------------------------------
 
-    def _handle_ctrl(self, queue: SplitQueue, mem: GuestMemory) -> int:
+    def _handle_ctrl(self, queue: Virtqueue, mem: GuestMemory) -> int:
         done = 0
         while (chain := queue.pop(mem)) is not None:
             writable = chain.writable
@@ -946,13 +948,17 @@ class NetDevice(VirtioDevice):
         return CTRL_OK
 
 
-def _want_kick(queue: SplitQueue, mem: GuestMemory) -> bool:
+def _want_kick(queue: Virtqueue, mem: GuestMemory) -> bool:
     """Out of room: ask for a kick once the driver adds buffers beyond those it has now.
 
     With MRG_RXBUF some buffers may be there, just not enough, so avail_event must be the
-    driver's current index rather than ours (2.7.10). Returns ``True`` when the driver added
-    more meanwhile (re-check after enabling, to close the race).
+    driver's current index rather than ours (2.7.10; a packed ring names the descriptor after
+    the available ones, 2.8.10). Returns ``True`` when the driver added more meanwhile
+    (re-check after enabling, to close the race).
     """
+    if isinstance(queue, PackedQueue):
+        return queue.want_more(mem)
+    assert isinstance(queue, SplitQueue)
     seen = queue.avail_idx(mem)
     ours = queue.next_avail
     queue.next_avail = seen
@@ -967,9 +973,20 @@ def _unsent(parts: Sequence[memoryview]) -> bool:
     return False
 
 
-def _unpop(queue: SplitQueue, count: int) -> None:
+def _unpop(queue: Virtqueue, count: int) -> None:
     """Give back the last ``count`` chains popped (nothing was published for them)."""
-    queue.next_avail = (queue.next_avail - count) & 0xFFFF
+    if isinstance(queue, PackedQueue):
+        queue.unpop(count)
+    else:
+        queue.next_avail = (queue.next_avail - count) & 0xFFFF
+
+
+def _has_chains(queue: Virtqueue, mem: GuestMemory) -> bool:
+    """Whether the driver has made a chain available that the device has not taken."""
+    if isinstance(queue, PackedQueue):
+        return queue.has_available(mem)
+    assert isinstance(queue, SplitQueue)
+    return queue.avail_idx(mem) != queue.next_avail
 
 
 def _flow_key(frame: bytes) -> bytes:

@@ -19,7 +19,7 @@ from pvbus.devices.base import VirtioDevice
 from pvbus.virtio.constants import DeviceId
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
-from pvbus.virtio.split import SplitQueue
+from pvbus.virtio.queue import Virtqueue
 
 #: Most bytes given for one request: a driver offering more gets a partial fill (5.4.6.1).
 MAX_CHUNK = 1 << 20
@@ -139,7 +139,7 @@ class RngDevice(VirtioDevice):
         self._refill()
         return min(int(self.tokens), MAX_CHUNK)
 
-    def _fill(self, queue: SplitQueue, mem: GuestMemory) -> tuple[int, bool]:
+    def _fill(self, queue: Virtqueue, mem: GuestMemory) -> tuple[int, bool]:
         """Complete requests; return how many, and whether the rate limit stopped us."""
         done = 0
         while True:
