@@ -57,13 +57,14 @@ def multi(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
     served.close()
 
 
-def test_single_port_echo_both_ways(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_single_port_echo_both_ways(tmp_path: Path, packed: bool) -> None:
     served = Served(
         str(tmp_path / "vhost.sock"), ConsoleConfig(ports=(PortSpec(f"socket:{tmp_path / 'c'}"),))
     )
     try:
         host = connect_host(tmp_path / "c")
-        with ConsoleClient.connect(str(tmp_path / "vhost.sock")) as client:
+        with ConsoleClient.connect(str(tmp_path / "vhost.sock"), packed=packed) as client:
             assert not client.multiport and client.ports[0].is_console
             client.write(0, b"guest says hi\n")
             assert recv_exactly(host, 14) == b"guest says hi\n"
@@ -75,10 +76,11 @@ def test_single_port_echo_both_ways(tmp_path: Path) -> None:
         served.close()
 
 
-def test_multiport_names_console_and_host_open(multi: tuple[Served, Path]) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_multiport_names_console_and_host_open(multi: tuple[Served, Path], packed: bool) -> None:
     _, tmp = multi
     host_ctl = connect_host(tmp / "ctl.sock")
-    with ConsoleClient.connect(str(tmp / "vhost.sock")) as client:
+    with ConsoleClient.connect(str(tmp / "vhost.sock"), packed=packed) as client:
         ports = client.wait_ready(names=["org.pvbus.ctl", "org.pvbus.log"])
         assert client.multiport and client.max_ports == 3
         client.wait_for(lambda: ports[0].is_console, "CONSOLE_PORT")

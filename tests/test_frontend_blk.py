@@ -35,7 +35,8 @@ from pvbus.testing import ServedDevice
 from pvbus.vhost_user.backend import BACKEND_PROTOCOL_FEATURES, BackendSession
 from pvbus.vhost_user.messages import ProtocolFeature, Request
 from pvbus.virtio.blk import F_FLUSH
-from pvbus.virtio.constants import F_EVENT_IDX, bit
+from pvbus.virtio.constants import F_EVENT_IDX, F_RING_PACKED, bit
+from pvbus.virtio.packed_driver import PackedDriverQueue
 
 DISK = 4 << 20
 QSD = shutil.which("qemu-storage-daemon")
@@ -184,18 +185,22 @@ def check_against_model(client: BlockClient, image: Path, seed: int, discard_zer
     assert on_disk == model
 
 
-def test_random_io_pvbus_thread(pvbus_thread: Path, image: Path) -> None:
-    with BlockClient.connect(str(pvbus_thread)) as client:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_random_io_pvbus_thread(pvbus_thread: Path, image: Path, packed: bool) -> None:
+    with BlockClient.connect(str(pvbus_thread), packed=packed) as client:
         assert client.capacity == DISK
+        assert bool(client.features & bit(F_RING_PACKED)) == packed
         check_against_model(client, image, seed=1, discard_zeroes=True)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_random_io_pvbus_process(
-    pvbus_process: tuple[Path, subprocess.Popen[bytes]], image: Path
+    pvbus_process: tuple[Path, subprocess.Popen[bytes]], image: Path, packed: bool
 ) -> None:
     sock, proc = pvbus_process
-    with BlockClient.connect(str(sock)) as client:
+    with BlockClient.connect(str(sock), packed=packed) as client:
         assert client.frontend.backend_pid == proc.pid
+        assert isinstance(client.queues[0].ring, PackedDriverQueue) == packed
         check_against_model(client, image, seed=2, discard_zeroes=True)
 
 
@@ -203,6 +208,12 @@ def test_random_io_qsd(qsd: Path, image: Path) -> None:
     with BlockClient.connect(str(qsd)) as client:
         assert client.capacity == DISK
         check_against_model(client, image, seed=3, discard_zeroes=False)
+
+
+def test_packed_rings_from_a_backend_without_them_is_a_clear_error(qsd: Path) -> None:
+    """qemu-storage-daemon (libvhost-user) has split rings only."""
+    with pytest.raises(FrontendError, match="does not offer VIRTIO_F_RING_PACKED"):
+        BlockClient.connect(str(qsd), packed=True)
 
 
 @pytest.mark.parametrize("backend", ["pvbus_thread", "qsd"])
@@ -321,11 +332,12 @@ def test_more_queues_than_the_backend_has(pvbus_thread: Path) -> None:
         BlockClient.connect(str(pvbus_thread), num_queues=2)
 
 
-def test_multiqueue(tmp_path: Path, image: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_multiqueue(tmp_path: Path, image: Path, packed: bool) -> None:
     sock = tmp_path / "mq.sock"
     server = ServerThread(sock, image, BACKEND_PROTOCOL_FEATURES, num_queues=2)
     try:
-        with BlockClient.connect(str(sock), num_queues=2) as client:
+        with BlockClient.connect(str(sock), num_queues=2, packed=packed) as client:
             for i, q in enumerate(client.queues):
                 q.submit_write(i * 4096, bytes([i + 1]) * 4096, i)
                 q.kick()
@@ -390,12 +402,15 @@ def test_backend_dies_mid_request(pvbus_process: tuple[Path, subprocess.Popen[by
 # -- asyncio ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["pvbus_thread", "qsd"])
-def test_async_many_in_flight(backend: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    ("backend", "packed"), [("pvbus_thread", False), ("pvbus_thread", True), ("qsd", False)]
+)
+def test_async_many_in_flight(backend: str, packed: bool, request: pytest.FixtureRequest) -> None:
     sock: Path = request.getfixturevalue(backend)
 
     async def main() -> None:
-        async with await AsyncBlockClient.connect(str(sock), queue_size=16) as client:
+        connect = AsyncBlockClient.connect(str(sock), queue_size=16, packed=packed)
+        async with await connect as client:
             # 64 writes through a 16-entry queue: waits for room, one kick per loop pass.
             await asyncio.gather(*(client.write(i * 4096, bytes([i]) * 4096) for i in range(64)))
             got = await asyncio.gather(*(client.read(i * 4096, 4096) for i in range(64)))

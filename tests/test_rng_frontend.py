@@ -28,10 +28,11 @@ def sock(tmp_path: Path) -> str:
     return str(tmp_path / "rng.sock")
 
 
-def test_read_entropy(sock: str) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_read_entropy(sock: str, packed: bool) -> None:
     served = Served(sock, RngConfig())
     try:
-        with RngClient.connect(sock, queue_size=16, buffer_size=1024) as client:
+        with RngClient.connect(sock, queue_size=16, buffer_size=1024, packed=packed) as client:
             a = client.read(100_000)
             b = client.read(100_000)
         assert len(a) == len(b) == 100_000
@@ -43,10 +44,11 @@ def test_read_entropy(sock: str) -> None:
         served.close()
 
 
-def test_rate_limited_read_completes_through_timers(sock: str) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_rate_limited_read_completes_through_timers(sock: str, packed: bool) -> None:
     served = Served(sock, RngConfig(rate=200_000, burst=4096))
     try:
-        with RngClient.connect(sock, queue_size=8, buffer_size=4096) as client:
+        with RngClient.connect(sock, queue_size=8, buffer_size=4096, packed=packed) as client:
             data = client.read(40_000, timeout=30)
         assert len(data) == 40_000
     finally:

@@ -52,9 +52,11 @@ def served(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
     s.close()
 
 
-@pytest.fixture
-def client(served: tuple[Served, Path]) -> Iterator[VsockClient]:
-    with VsockClient.connect_backend(str(served[1] / "vhost.sock"), buf_alloc=8192) as c:
+@pytest.fixture(params=[False, True], ids=["split", "packed"])
+def client(served: tuple[Served, Path], request: pytest.FixtureRequest) -> Iterator[VsockClient]:
+    """A driver on split rings, then on packed ones (every test that takes it runs twice)."""
+    sock = str(served[1] / "vhost.sock")
+    with VsockClient.connect_backend(sock, buf_alloc=8192, packed=request.param) as c:
         yield c
 
 

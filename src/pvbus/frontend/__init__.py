@@ -1,12 +1,12 @@
 """The driver side of vhost-user: drive any vhost-user backend from Python, with no VM.
 
 Like DPDK's virtio-user or libblkio: :class:`VhostUserFrontend` is the device-agnostic
-connection (memfd guest memory, feature negotiation, config space, split virtqueues with kick
-and call eventfds) on the sans-IO :class:`pvbus.vhost_user.frontend.FrontendSession`;
+connection (memfd guest memory, feature negotiation, config space, split or packed virtqueues
+with kick and call eventfds) on the sans-IO :class:`pvbus.vhost_user.frontend.FrontendSession`;
 :class:`BlockClient` and :class:`AsyncBlockClient` are a virtio-blk driver on top;
 :class:`NetClient`, :class:`RngClient`, :class:`ConsoleClient` and :class:`VsockClient` drive
 the other devices. Every client is a :class:`DeviceClient`: it owns its connection, closes it,
-and is a context manager.
+and is a context manager; ``connect(..., packed=True)`` asks for packed rings.
 """
 
 from pvbus.frontend._connection import (

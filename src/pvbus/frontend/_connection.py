@@ -3,9 +3,10 @@
 :class:`VhostUserFrontend` is the I/O half around :class:`~pvbus.vhost_user.frontend.
 FrontendSession`: a Unix socket to any vhost-user backend (pvbus, qemu-storage-daemon,
 libvhost-user or rust-vmm based), memfd guest memory handed over with SET_MEM_TABLE, feature
-and protocol-feature negotiation, the device config space, and split virtqueues driven through
-kick and call eventfds (:class:`FrontendQueue`). Device clients (:mod:`pvbus.frontend.blk`
-and others) build on it; it knows nothing of any device type.
+and protocol-feature negotiation, the device config space, and split or packed virtqueues
+(VIRTIO 1.2 sections 2.7, 2.8) driven through kick and call eventfds (:class:`FrontendQueue`).
+Device clients (:mod:`pvbus.frontend.blk` and others) build on it, each with a ``packed``
+option on ``connect``; it knows nothing of any device type.
 
 Start-up follows what QEMU does (vhost-user.rst "Starting and stopping rings"): SET_OWNER,
 GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_FEATURES, SET_MEM_TABLE, then per ring
@@ -41,7 +42,10 @@ from pvbus.vhost_user.messages import (
     VringAddr,
     VringState,
 )
+from pvbus.virtio.constants import F_EVENT_IDX, F_RING_PACKED
 from pvbus.virtio.driver import DriverQueue, ring_layout
+from pvbus.virtio.packed_driver import PackedDriverQueue, packed_ring_layout
+from pvbus.virtio.queue import DriverRing
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class FrontendQueue:
     """
 
     index: int
-    ring: DriverQueue
+    ring: DriverRing
     kick_fd: int
     call_fd: int
     kicks: int = 0
@@ -84,7 +88,7 @@ class FrontendQueue:
     _closed: bool = field(default=False, repr=False)
 
     def kick(self) -> None:
-        """Notify the backend that buffers are available (VIRTIO 1.2 section 2.7.13.4)."""
+        """Notify the backend that buffers are available (VIRTIO 1.2 sections 2.7.13.4, 2.8.21)."""
         os.eventfd_write(self.kick_fd, 1)
         self.kicks += 1
 
@@ -113,7 +117,12 @@ class FrontendQueue:
 
 
 class VhostUserFrontend:
-    """A connection to one vhost-user backend, driving one device."""
+    """A connection to one vhost-user backend, driving one device.
+
+    With ``packed`` the driver asks for VIRTIO_F_RING_PACKED and its queues are packed
+    virtqueues (VIRTIO 1.2 section 2.8); :meth:`negotiate` fails if the backend does not
+    offer them.
+    """
 
     def __init__(
         self,
@@ -121,10 +130,12 @@ class VhostUserFrontend:
         *,
         timeout: float | None = 10.0,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+        packed: bool = False,
     ) -> None:
         self.path = path
         self.timeout = timeout
         self.wanted_protocol_features = protocol_features
+        self.packed = packed
         self.session = FrontendSession()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -211,14 +222,19 @@ class VhostUserFrontend:
     def negotiate(self, driver_features: int) -> int:
         """SET_OWNER and feature negotiation; return the device features acknowledged.
 
-        ``driver_features`` are the virtio feature bits the driver understands; the result is
-        their intersection with what the backend offers. VHOST_USER_F_PROTOCOL_FEATURES and
-        the protocol features this frontend wants are negotiated when offered.
+        ``driver_features`` are the virtio feature bits the driver understands (plus
+        VIRTIO_F_RING_PACKED for a ``packed`` frontend); the result is their intersection with
+        what the backend offers. VHOST_USER_F_PROTOCOL_FEATURES and the protocol features this
+        frontend wants are negotiated when offered.
         """
+        if self.packed:
+            driver_features |= 1 << F_RING_PACKED
         self.request(Request.SET_OWNER, need_reply=False)
         reply = self.request(Request.GET_FEATURES)
         assert reply is not None and isinstance(reply.payload, U64)
         offered = reply.payload.value
+        if self.packed and not offered & (1 << F_RING_PACKED):
+            raise FrontendError("the backend does not offer VIRTIO_F_RING_PACKED")
         acked = offered & driver_features & ~(1 << F_PROTOCOL_FEATURES)
         if offered & (1 << F_PROTOCOL_FEATURES):
             reply = self.request(Request.GET_PROTOCOL_FEATURES)
@@ -263,29 +279,51 @@ class VhostUserFrontend:
         self.request(Request.SET_MEM_TABLE, MemTable((memory.table_region(),)), (memory.fd,))
         self.memory = memory
 
-    def start_queue(self, index: int, size: int, *, base: int = 0) -> FrontendQueue:
-        """Lay out a split ring of ``size`` in guest memory and start it on the backend."""
+    def start_queue(self, index: int, size: int, *, base: int | None = None) -> FrontendQueue:
+        """Lay out a ring of ``size`` in guest memory and start it on the backend.
+
+        The ring is packed if VIRTIO_F_RING_PACKED was negotiated, else split. ``base`` is the
+        vring base to start from (SET_VRING_BASE; by default the ring's start).
+        """
         memory = self.memory
         if memory is None:
             raise FrontendError("start_queue before set_memory")
-        desc, avail, used, span = ring_layout(size, 0)
-        area = memory.alloc(span, 4096)
-        event_idx = bool(self.device_features & (1 << 29))
-        ring = DriverQueue(
-            memory.mem,
-            size,
-            area.gpa + desc,
-            area.gpa + avail,
-            area.gpa + used,
-            event_idx=event_idx,
-        )
+        event_idx = bool(self.device_features & (1 << F_EVENT_IDX))
+        ring: DriverRing
+        if self.device_features & (1 << F_RING_PACKED):
+            desc, avail, used, span = packed_ring_layout(size, 0)
+            area = memory.alloc(span, 4096)
+            packed = PackedDriverQueue(
+                memory.mem,
+                size,
+                area.gpa + desc,
+                area.gpa + avail,
+                area.gpa + used,
+                event_idx=event_idx,
+                base=base,
+            )
+            base = packed.vring_base()
+            ring = packed
+        else:
+            desc, avail, used, span = ring_layout(size, 0)
+            area = memory.alloc(span, 4096)
+            split = DriverQueue(
+                memory.mem,
+                size,
+                area.gpa + desc,
+                area.gpa + avail,
+                area.gpa + used,
+                event_idx=event_idx,
+            )
+            base = base or 0
+            split.avail_idx = split.kicked_avail = split.last_used = base
+            ring = split
         kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         queue = FrontendQueue(index, ring, kick_fd, call_fd)
         self.queues[index] = queue
         self.request(Request.SET_VRING_NUM, VringState(index, size))
         self.request(Request.SET_VRING_BASE, VringState(index, base))
-        ring.avail_idx = ring.kicked_avail = ring.last_used = base
         self.request(
             Request.SET_VRING_ADDR,
             VringAddr(
@@ -304,7 +342,8 @@ class VhostUserFrontend:
         return queue
 
     def stop_queue(self, index: int) -> int:
-        """Stop ring ``index`` (GET_VRING_BASE); return the backend's next available index."""
+        """Stop ring ``index`` (GET_VRING_BASE); return the backend's vring base (the next
+        available index of a split ring, both sides' positions of a packed one)."""
         reply = self.request(Request.GET_VRING_BASE, VringState(index, 0))
         assert reply is not None and isinstance(reply.payload, VringState)
         queue = self.queues.pop(index)
@@ -422,11 +461,12 @@ class DeviceClient:
         *,
         connect_timeout: float | None,
         protocol_features: int,
+        packed: bool = False,
         **options: Any,
     ) -> Self:
         """Connect to ``path`` and build the client; the connection is closed if that fails."""
         frontend = VhostUserFrontend(
-            path, timeout=connect_timeout, protocol_features=protocol_features
+            path, timeout=connect_timeout, protocol_features=protocol_features, packed=packed
         )
         try:
             return cls(frontend, **options)  # type: ignore[call-arg]

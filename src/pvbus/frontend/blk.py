@@ -443,6 +443,7 @@ class BlockClient(DeviceClient):
         memory_size: int = 64 << 20,
         driver_features: int = DRIVER_FEATURES,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+        packed: bool = False,
         timeout: float | None = 10.0,
     ) -> BlockClient:
         """Connect to the backend listening at ``path`` and start ``num_queues`` queues."""
@@ -450,6 +451,7 @@ class BlockClient(DeviceClient):
             path,
             connect_timeout=timeout,
             protocol_features=protocol_features,
+            packed=packed,
             num_queues=num_queues,
             queue_size=queue_size,
             memory_size=memory_size,

@@ -150,6 +150,7 @@ class ConsoleClient(DeviceClient):
         queue_size: int = 32,
         driver_features: int = DRIVER_FEATURES,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+        packed: bool = False,
         timeout: float = 5.0,
     ) -> ConsoleClient:
         """Connect to the backend listening at ``path`` and start the device."""
@@ -157,6 +158,7 @@ class ConsoleClient(DeviceClient):
             path,
             connect_timeout=timeout,
             protocol_features=protocol_features,
+            packed=packed,
             queue_size=queue_size,
             driver_features=driver_features,
             timeout=timeout,

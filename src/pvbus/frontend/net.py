@@ -287,6 +287,7 @@ class NetClient(DeviceClient):
         tx_buffer_size: int = 2048,
         driver_features: int = DRIVER_FEATURES,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+        packed: bool = False,
         timeout: float | None = 10.0,
     ) -> NetClient:
         """Connect to the backend listening at ``path`` and start ``queue_pairs`` pairs."""
@@ -294,6 +295,7 @@ class NetClient(DeviceClient):
             path,
             connect_timeout=timeout,
             protocol_features=protocol_features,
+            packed=packed,
             queue_pairs=queue_pairs,
             queue_size=queue_size,
             rx_buffer_size=rx_buffer_size,

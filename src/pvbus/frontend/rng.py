@@ -55,6 +55,7 @@ class RngClient(DeviceClient):
         queue_size: int = 64,
         buffer_size: int = 4096,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+        packed: bool = False,
         timeout: float | None = 10.0,
     ) -> RngClient:
         """Connect to the backend listening at ``path`` and start its queue."""
@@ -62,6 +63,7 @@ class RngClient(DeviceClient):
             path,
             connect_timeout=timeout,
             protocol_features=protocol_features,
+            packed=packed,
             queue_size=queue_size,
             buffer_size=buffer_size,
         )

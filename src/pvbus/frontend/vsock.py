@@ -108,6 +108,7 @@ class VsockClient(DeviceClient):
         queue_size: int = 64,
         buf_alloc: int = 64 * 1024,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+        packed: bool = False,
         timeout: float = 5.0,
     ) -> VsockClient:
         """Connect to the vhost-user backend listening at ``path`` and start the device."""
@@ -115,6 +116,7 @@ class VsockClient(DeviceClient):
             path,
             connect_timeout=timeout,
             protocol_features=protocol_features,
+            packed=packed,
             queue_size=queue_size,
             buf_alloc=buf_alloc,
             timeout=timeout,
