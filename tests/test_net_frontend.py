@@ -63,8 +63,9 @@ def recv_all(client: NetClient, count: int, pair: int = 0) -> list[bytes]:
     return out
 
 
-def test_frames_both_ways(served: Served, tmp_path: Path) -> None:
-    with NetClient.connect(str(tmp_path / "net.sock"), queue_size=64) as client:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_frames_both_ways(served: Served, tmp_path: Path, packed: bool) -> None:
+    with NetClient.connect(str(tmp_path / "net.sock"), queue_size=64, packed=packed) as client:
         assert client.mac == MAC and client.info.link_up
         assert client.info.max_queue_pairs == 2
         frames = [eth(PEER, MAC, os.urandom(40 + 97 * i)) for i in range(15)]
@@ -83,8 +84,10 @@ def test_frames_both_ways(served: Served, tmp_path: Path) -> None:
         assert served.device.stats.tx_errors == 0 == served.device.stats.rx_errors
 
 
-def test_merged_receive_buffers(served: Served, tmp_path: Path) -> None:
-    with NetClient.connect(str(tmp_path / "net.sock"), rx_buffer_size=256) as client:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_merged_receive_buffers(served: Served, tmp_path: Path, packed: bool) -> None:
+    path = str(tmp_path / "net.sock")
+    with NetClient.connect(path, rx_buffer_size=256, packed=packed) as client:
         assert client.features & (1 << F_MRG_RXBUF)
         big = [eth(MAC, PEER, os.urandom(n)) for n in (100, 1500, 9000, 60000)]
         for f in big:
@@ -120,8 +123,9 @@ def test_rx_filter_and_mac_through_control_queue(served: Served, tmp_path: Path)
         assert client.control(99, 0) == 1
 
 
-def test_two_queue_pairs(served: Served, tmp_path: Path) -> None:
-    with NetClient.connect(str(tmp_path / "net.sock"), queue_pairs=2) as client:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_two_queue_pairs(served: Served, tmp_path: Path, packed: bool) -> None:
+    with NetClient.connect(str(tmp_path / "net.sock"), queue_pairs=2, packed=packed) as client:
         assert served.device.active_pairs == 2
         f = eth(PEER, MAC, b"from pair 1" * 5)
         client.send(f, pair=1)
