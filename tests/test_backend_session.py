@@ -37,6 +37,7 @@ from pvbus.virtio.constants import F_EVENT_IDX, F_RING_PACKED, F_VERSION_1, Devi
 from pvbus.virtio.driver import DriverQueue, ring_layout
 from pvbus.virtio.errors import QueueError
 from pvbus.virtio.memory import GuestMemory, MemoryRegion
+from pvbus.virtio.queue import DriverRing
 
 V = int(Flags.VERSION)
 NEED = int(Flags.VERSION | Flags.NEED_REPLY)
@@ -161,7 +162,7 @@ class Harness:
         assert self.next_data <= GPA + MEM_SIZE
         return addr
 
-    def blk_request(self, drv: DriverQueue, rtype: int, sector: int, data: bytes, read: int) -> int:
+    def blk_request(self, drv: DriverRing, rtype: int, sector: int, data: bytes, read: int) -> int:
         """Queue a virtio-blk request; returns the status byte's address."""
         header = self.alloc(16)
         self.mem.translate(header, 16)[:] = struct.pack("<IIQ", rtype, 0, sector)
