@@ -31,7 +31,13 @@ from dataclasses import dataclass, field, fields
 from typing import cast
 
 from pvbus.devices.base import COMMON_FEATURES, DRAIN_WEIGHT, VirtioDevice
-from pvbus.devices.net.backends import BackendClosedError, BatchBackend, Chunk, NetBackend
+from pvbus.devices.net.backends import (
+    BackendClosedError,
+    BatchBackend,
+    BurstBackend,
+    Chunk,
+    NetBackend,
+)
 from pvbus.devices.net.frames import (
     BROADCAST,
     ETH_HLEN,
@@ -335,9 +341,9 @@ class NetDevice(VirtioDevice):
         transmit_burst = self._transmit_burst
         pair = self._tx_pair_of(queue)
         while True:
-            # The common case first, whole bursts at a time (SplitQueue.pop_frames, in C where
-            # built): one buffer holding a header that asks for nothing and a frame of a valid
-            # size, for one live backend that takes bursts and no steering to remember.
+            # The common case first, whole bursts at a time (in C where built): one buffer
+            # holding a header that asks for nothing and a frame of a valid size, for one live
+            # backend that takes bursts and no steering to remember.
             backend = self.backend
             if self.pairs == 1 and hasattr(backend, "send_batch"):
                 # A backend that keeps frames: copied into one of its buffers in one pass.
@@ -354,16 +360,15 @@ class NetDevice(VirtioDevice):
                     if done >= DRAIN_WEIGHT:
                         return done  # drain() lets the receive side and the rest run
                     continue
-            send_burst = getattr(backend, "send_burst", None)
-            if send_burst is not None and self.pairs == 1:
-                hdr_len = self.hdr_len
+            elif self.pairs == 1 and hasattr(backend, "send_burst"):
                 # Views of guest memory, for a backend done with them when send_burst returns.
+                hdr_len = self.hdr_len
                 frames, heads = queue.pop_frames(
                     mem, _TX_FRAMES, skip=hdr_len, min_len=hdr_len + ETH_HLEN,
                     max_len=hdr_len + MAX_FRAME, zero_prefix=2,
                 )  # fmt: skip
                 if frames:
-                    self._send_batch(frames, send_burst)
+                    self._send_batch(frames, cast(BurstBackend, backend).send_burst)
                     queue.add_used_heads(mem, heads)
                     done += len(frames)
                     if done >= DRAIN_WEIGHT:
