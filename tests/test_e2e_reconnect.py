@@ -48,16 +48,18 @@ echo "kernel-errors $(dmesg | grep -ciE 'i/o error|blk_update_request|critical')
 """
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_backend_killed_repeatedly_loses_no_acknowledged_write(
-    guest: GuestImage, tmp_path: Path
+    guest: GuestImage, tmp_path: Path, packed: bool
 ) -> None:
+    """With ``packed`` the rings are packed and so is the inflight area (QueueRegionPacked)."""
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(BLOCKS * BLOCK)
     rng = random.Random(os.getpid())
     # Kill points spread over the stream, at random blocks.
     kill_at = sorted(rng.sample(range(20, BLOCKS - 40), KILLS))
-    config = VmConfig(transport="pci", accel="tcg", disks=(DiskSpec(image),))
+    config = VmConfig(transport="pci", accel="tcg", disks=(DiskSpec(image),), packed=packed)
     vm = Vm(config, command_script([WRITER]), guest=guest)
     output = bytearray()
     kills: list[int] = []

@@ -229,6 +229,30 @@ def test_qemu_argv_mmio() -> None:
     assert argv[argv.index("-smp") + 1] == "2"
 
 
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_qemu_argv_packed_on_every_pvbus_device(transport: str) -> None:
+    from pvbus.vm.devices import DeviceSpec
+
+    specs = (
+        DeviceSpec("net", ("--switch", "/w/sw")),
+        DeviceSpec.rng(),
+        DeviceSpec.vsock(Path("/w/v.sock")),
+        DeviceSpec.console("null"),
+    )
+    cfg = VmConfig(transport=transport, disks=(DiskSpec(Path("a.img")),), devices=specs)
+    packed = dataclasses.replace(cfg, packed=True)
+    p = dataclasses.replace(paths(1), device_sockets=tuple(Path(f"/w/d{i}") for i in range(4)))
+    plain = [a for a in qemu_argv(cfg, p, "tcg") if "packed" in a]
+    assert plain == []
+    argv = qemu_argv(packed, p, "tcg")
+    devices = [a for a in argv if a.startswith(("vhost-user-", "virtio-net"))]
+    assert len(devices) == 5 and all(a.endswith(",packed=on") for a in devices)
+    # QEMU's own virtio-serial (the output port) stays as it is.
+    assert not any("virtio-serial" in a and "packed" in a for a in qemu_argv(packed, p, "tcg"))
+    with pytest.raises(ValueError, match="packed rings need pvbus disks"):
+        VmConfig(disks=(DiskSpec(Path("a.img")),), disk_backend="qsd", packed=True)
+
+
 def test_kernel_cmdline_extra() -> None:
     cfg = VmConfig(kernel_args=("quiet",))
     assert kernel_cmdline(cfg).endswith(" quiet")
@@ -284,6 +308,11 @@ def test_cli_run_parses() -> None:
     assert args.transport == "mmio" and args.disk == ["a.img,ro"]
     assert args.command[-2:] == ["echo", "hi"]
     assert args.disk_backend == "pvbus"
+    assert not args.packed
+    packed = build_parser().parse_args(["run", "--packed", "--disk", "a.img", "--", "true"])
+    from pvbus.cli.run import vm_config
+
+    assert vm_config(packed, (DiskSpec(Path("a.img")),)).packed
 
 
 def test_cli_run_errors() -> None:

@@ -45,6 +45,11 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         "'pvbus serve KIND' as --KEY VALUE (e.g. vsock:uds-path=/tmp/v.sock)",
     )
     parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="offer packed virtqueues (VIRTIO 1.2 section 2.8) on the pvbus devices",
+    )
+    parser.add_argument(
         "--channel",
         choices=COMMAND_CHANNELS,
         default="vsock",
@@ -71,6 +76,7 @@ def vm_config(args: argparse.Namespace, disks: tuple[DiskSpec, ...]) -> VmConfig
             disks=disks,
             disk_backend=args.disk_backend,
             kernel_suite=args.kernel_suite,
+            packed=args.packed,
         )
     except ValueError as err:
         raise CliError(str(err)) from err

@@ -135,11 +135,14 @@ def serve_argv(spec: DeviceSpec, socket_path: Path) -> list[str]:
     return [*argv, "--socket-path", str(socket_path), *spec.args]
 
 
-def qemu_device_args(spec: DeviceSpec, transport: str, index: int, socket_path: Path) -> list[str]:
-    """``-chardev`` and ``-device`` for ``spec`` on ``socket_path``."""
+def qemu_device_args(
+    spec: DeviceSpec, transport: str, index: int, socket_path: Path, *, packed: bool = False
+) -> list[str]:
+    """``-chardev`` and ``-device`` for ``spec`` on ``socket_path`` (``packed``: packed=on)."""
     pci, mmio = _QEMU_DEVICES[spec.kind]
     device = mmio if transport == "mmio" else pci
     chardev = f"pvdev{index}"
+    ring = ",packed=on" if packed else ""
     if spec.kind == "net":
         pairs = int(spec.option("queue-pairs") or 1)
         netdev = f"vhost-user,id=pvnet{index},chardev={chardev},queues={pairs}"
@@ -149,6 +152,7 @@ def qemu_device_args(spec: DeviceSpec, transport: str, index: int, socket_path: 
             props += f",mac={mac}"
         if pairs > 1:
             props += ",mq=on" + (f",vectors={2 * pairs + 2}" if transport == "pci" else "")
+        props += ring
         return [
             "-chardev",
             f"socket,id={chardev},path={socket_path}",
@@ -160,6 +164,7 @@ def qemu_device_args(spec: DeviceSpec, transport: str, index: int, socket_path: 
     props = f"{device},id=pvdev{index}dev,chardev={chardev}"
     if spec.kind == "console":
         props += f",virtio-id=3,num_vqs={spec.console_queues()},config_size={CONSOLE_CONFIG.size}"
+    props += ring
     return ["-chardev", f"socket,id={chardev},path={socket_path}", "-device", props]
 
 

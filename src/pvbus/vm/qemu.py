@@ -1,6 +1,8 @@
 """VM configuration and the QEMU command line built from it (pure: no processes started here).
 
-Guest RAM is a shared memfd so vhost-user backends can map it. Two transports:
+Guest RAM is a shared memfd so vhost-user backends can map it. With ``packed`` every device
+pvbus serves gets QEMU's ``packed=on``: the guest may then choose packed virtqueues (VIRTIO 1.2
+section 2.8). Two transports:
 
 * ``pci``: ``q35`` (default) or ``pc``; devices ``*-pci``.
 * ``mmio``: ``microvm`` with qboot, no legacy PIT/PIC/RTC; devices ``*-device`` on
@@ -99,6 +101,10 @@ class VmConfig:
     reconnect_ms: int = 200
     #: The QEMU binary: ``$PVBUS_QEMU`` if set (a QEMU of your own build), else from PATH.
     qemu: str = field(default_factory=lambda: os.environ.get("PVBUS_QEMU", QEMU))
+    #: Offer packed virtqueues (``packed=on``) on the devices pvbus serves; a Linux guest
+    #: then uses them. (QEMU's generic vhost-user devices, rng and console, pass on whatever
+    #: the backend offers, so those are packed either way.)
+    packed: bool = False
     extra_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -117,6 +123,8 @@ class VmConfig:
             raise ValueError("cpus must be between 1 and 64")
         if self.disk_backend not in DISK_BACKENDS:
             raise ValueError(f"unknown disk backend {self.disk_backend!r}")
+        if self.packed and self.disk_backend != "pvbus" and self.disks:
+            raise ValueError("packed rings need pvbus disks (qemu-storage-daemon has split only)")
         if self.command_channel not in COMMAND_CHANNELS:
             raise ValueError(f"unknown command channel {self.command_channel!r}")
         if self.kernel_suite not in SUITES:
@@ -219,13 +227,14 @@ def qemu_argv(
         # virtio-mmio lets the guest pick rings up to 1024 entries whatever queue-size says,
         # while QEMU sizes the inflight area by queue-size: make them agree.
         size = ",queue-size=1024" if config.transport == "mmio" else ""
+        packed = ",packed=on" if config.packed else ""
         argv += [
             "-device",
-            f"{blk},id=vdisk{i},chardev=disk{i},num-queues={disk.num_queues}{size}",
+            f"{blk},id=vdisk{i},chardev=disk{i},num-queues={disk.num_queues}{size}{packed}",
         ]
     devices = config.devices + paths.runner_devices
     for i, (spec, sock) in enumerate(zip(devices, paths.device_sockets, strict=True)):
-        argv += qemu_device_args(spec, config.transport, i, sock)
+        argv += qemu_device_args(spec, config.transport, i, sock, packed=config.packed)
     argv += ["-qmp", f"unix:{paths.qmp_socket},server=on,wait=off"]
     argv += list(config.extra_args)
     return argv
