@@ -573,7 +573,12 @@ class PackedQueue:
                     raise QueueError(f"chain at {pos}: indirect descriptor in a list")
                 self._indirect(mem, bid, addr, length, bufs)
                 return DescriptorChain(bid, readable, writable), 1
-            _append(bid, addr, length, flags, bufs)
+            if flags & _WRITE:  # _append(), inlined: this runs for every descriptor
+                writable.append((addr, length))
+            elif writable:
+                raise QueueError(f"buffer {bid}: device-readable element after a writable one")
+            else:
+                readable.append((addr, length))
             if not flags & _NEXT:
                 return DescriptorChain(bid, readable, writable), count
             if count >= size:
