@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pvbus.bus.client import BusClient, ClientError, NoDaemonError
-from pvbus.frontend import BlockClient
+from pvbus.frontend import BlockClient, RngClient
 
 
 class Daemon:
@@ -217,6 +217,24 @@ def test_stats_count_what_a_frontend_did(daemon: Daemon, image: Path) -> None:
         lambda: [e["type"] for e in daemon.client.events() if e["device"] == "d1"][2:],
         "the disconnect event",
     )
+
+
+def test_every_connection_has_its_events_however_short(daemon: Daemon) -> None:
+    """Frontends that come and go faster than an idle worker publishes: each still gets a
+    CONNECTED and a DISCONNECTED, in order (the monitor follows the connection count)."""
+    info = daemon.client.add_device("rng", {}, "r1")
+    time.sleep(1.0)  # idle: the worker now looks only every few hundred ms
+    for _ in range(3):
+        with RngClient.connect(info["socket"]):
+            pass
+
+    def pairs() -> list[str] | None:
+        kinds = [e["type"] for e in daemon.client.events() if e["device"] == "r1"]
+        return kinds if kinds.count("DISCONNECTED") >= 3 else None
+
+    kinds = wait_for(pairs, "three connect/disconnect pairs")
+    assert kinds == ["DEVICE_CREATED"] + ["CONNECTED", "DISCONNECTED"] * 3
+    assert daemon.client.stats("r1")["connections"] == 3
 
 
 def test_coalescing_holds_interrupts_back(daemon: Daemon, image: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,9 +24,10 @@ from pvbus.bus import (
     device_type,
     device_types,
 )
-from pvbus.bus._worker import Coalescer
+from pvbus.bus._worker import Coalescer, worker_argv
 from pvbus.devices.base import LATENCY_BUCKETS, QueueStats, VirtioDevice
 from pvbus.devices.blk import BlkConfig, BlockDevice
+from pvbus.frontend.rng import RngClient
 from pvbus.testing import FakeGuest, MockDriverQueue
 
 
@@ -193,3 +196,34 @@ def test_event_log_orders_and_wakes_waiters() -> None:
         return [e.type for e in first] + [f"{e.seq}:{e.type}" for e in log.since(0)]
 
     assert asyncio.run(scenario()) == ["DEVADD", "2:DRIVER_OK", "3:DEVDROP", "4:VM_STOP"]
+
+
+def test_an_idle_worker_stops_publishing_and_a_busy_one_publishes_at_once(tmp_path: Path) -> None:
+    """A real worker process: after its first publication, nothing while nobody uses it (it
+    looks less and less often), then the frontend's requests within a fraction of a second."""
+    fd, block = StatsBlock.create()
+    sock = tmp_path / "rng.sock"
+    proc = subprocess.Popen(worker_argv("rng", str(sock), fd, []), pass_fds=(fd,))
+    try:
+        wait_until(lambda: block.ready and block.published >= 1, 10)
+        time.sleep(1.0)
+        idle = block.published
+        assert idle <= 2  # publishing every 20 ms would have made it 50
+        with RngClient.connect(str(sock)) as rng:
+            assert len(rng.read(4096)) == 4096
+            start = time.monotonic()
+            wait_until(lambda: block.snapshot().total("requests") >= 1, 5)
+            assert time.monotonic() - start < 1.0  # at most one idle pause
+        assert block.published > idle
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        block.close()
+        os.close(fd)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -841,7 +841,16 @@ class Bus:
     def _diff(self, dev: DeviceRecord, old: DeviceSnapshot, new: DeviceSnapshot) -> None:
         """Events for what changed between two snapshots of one device."""
         vm = dev.vm
-        if new.connected != old.connected:
+        # Follow connections, not just the flag: a frontend that came and went between two
+        # looks (workers publish less often when idle) still gets both its events. A worker
+        # serves one frontend at a time, so each new one means the one before had left.
+        connected = old.connected
+        for _ in range(max(new.connections - old.connections, 0)):
+            if connected:
+                self.events.emit("DISCONNECTED", device=dev.id, vm=vm)
+            self.events.emit("CONNECTED", device=dev.id, vm=vm)
+            connected = True
+        if connected != new.connected:
             self.events.emit("CONNECTED" if new.connected else "DISCONNECTED", device=dev.id, vm=vm)
         if new.status != old.status:
             names = _status_names(new.status, False)

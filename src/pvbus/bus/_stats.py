@@ -2,7 +2,8 @@
 
 The daemon creates a memfd of :data:`BLOCK_SIZE` bytes and hands it to the worker, which
 copies its devices' :class:`~pvbus.devices.base.QueueStats` and its vhost-user status into
-it every :data:`PUBLISH_INTERVAL` seconds (and once more on exit). Every slot is an aligned
+it every :data:`PUBLISH_INTERVAL` seconds while anything changes, backing off to
+:data:`IDLE_INTERVAL` while nothing does (and once more on exit). Every slot is an aligned
 u64, written whole, so a reader never sees a torn number; a snapshot may mix two publications,
 which is harmless for monotonic counters.
 
@@ -22,6 +23,7 @@ from pvbus.devices.base import LATENCY_BUCKETS, QueueStats
 
 __all__ = [
     "BLOCK_SIZE",
+    "IDLE_INTERVAL",
     "LATENCY_BOUNDS",
     "MAX_QUEUES",
     "PUBLISH_INTERVAL",
@@ -32,6 +34,8 @@ __all__ = [
 
 MAGIC = 0x7076627573535431  # "pvbusST1"
 PUBLISH_INTERVAL = 0.02
+#: Longest pause between two looks of an idle worker (the interval doubles up to it).
+IDLE_INTERVAL = 0.32
 
 H_MAGIC, H_NUM_QUEUES, H_PID, H_READY, H_STATUS, H_NEEDS_RESET = range(6)
 H_CONNECTED, H_CONNECTIONS, H_RINGS_STARTED, H_PUBLISHED = range(6, 10)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pvbus.bus._registry import UnknownDeviceTypeError, device_type
-from pvbus.bus._stats import PUBLISH_INTERVAL, StatsBlock
+from pvbus.bus._stats import IDLE_INTERVAL, PUBLISH_INTERVAL, StatsBlock
 from pvbus.devices.base import VirtioDevice
 from pvbus.server import EventLoop, VhostUserServer, listen_unix
 
@@ -92,6 +92,10 @@ class Coalescer:
 
 
 class _Publisher:
+    """Copies the worker's counters and state into the stats block: every
+    :data:`PUBLISH_INTERVAL` while they change; an idle worker looks less and less often (up
+    to :data:`IDLE_INTERVAL`) and publishes nothing, so a hundred idle devices cost nothing."""
+
     def __init__(
         self, block: StatsBlock, device: VirtioDevice, server: VhostUserServer, loop: EventLoop
     ) -> None:
@@ -99,6 +103,21 @@ class _Publisher:
         self.device = device
         self.server = server
         self.loop = loop
+        self.interval = PUBLISH_INTERVAL
+        self._seen: tuple[object, ...] = ()
+
+    def _signature(self) -> tuple[object, ...]:
+        """What a publication would show, cheaply: the state and the counters that move."""
+        session = self.server.session
+        stats = self.device.queue_stats
+        return (
+            session,
+            session.status if session is not None else 0,
+            session.needs_reset if session is not None else False,
+            sum(r.started for r in session.rings) if session is not None else 0,
+            self.server.connections,
+            sum(q.kicks + q.requests + q.calls + q.errors + q.coalesced for q in stats),
+        )
 
     def publish(self) -> None:
         session = self.server.session
@@ -115,8 +134,14 @@ class _Publisher:
         )
 
     def tick(self) -> None:
-        self.publish()
-        self.loop.call_later(PUBLISH_INTERVAL, self.tick)
+        seen = self._signature()
+        if seen != self._seen:
+            self._seen = seen
+            self.publish()
+            self.interval = PUBLISH_INTERVAL
+        else:
+            self.interval = min(2 * self.interval, IDLE_INTERVAL)
+        self.loop.call_later(self.interval, self.tick)
 
 
 def _parser() -> argparse.ArgumentParser:
