@@ -70,6 +70,10 @@ done
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
 _MONITOR_INTERVAL = 0.05
+#: How soon QEMU tries a hot-plugged device's socket again after its worker went away.
+_RECONNECT_MS = 200
+#: A worker that dies within this many seconds of being restarted is not restarted again.
+_REVIVE_PAUSE = 5.0
 _WORKER_START_TIMEOUT = 15.0
 _UNPLUG_TIMEOUT = 30.0
 
@@ -149,6 +153,8 @@ class DeviceRecord:
     bus: str | None = None
     last: DeviceSnapshot | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: When the bus last restarted a crashed worker of the attached device (monotonic).
+    restarted: float = -1e9
 
     def snapshot(self) -> DeviceSnapshot:
         """Counters of every worker so far, status of the current one."""
@@ -710,6 +716,7 @@ class Bus:
                         "data": {
                             "addr": {"type": "unix", "data": {"path": str(dev.socket)}},
                             "server": False,
+                            **await self._reconnect(rec),
                         },
                     },
                 },
@@ -831,12 +838,42 @@ class Bus:
                 log=_tail(dev.log_path),
             )
             self._fold(dev, report=True)
+            if dev.vm is not None and not self._closing:
+                # QEMU reconnects to the socket (chardev-add with reconnect): a new worker
+                # there takes over the guest's rings and resubmits what was in flight.
+                asyncio.get_running_loop().create_task(self._revive(dev))
             return
         new = dev.snapshot()
         old = dev.last
         dev.last = new
         if old is not None:
             self._diff(dev, old, new)
+
+    async def _revive(self, dev: DeviceRecord) -> None:
+        """A worker of an attached device died: start another on its socket, unless one
+        already died within :data:`_REVIVE_PAUSE` of its own restart (a crash loop)."""
+        loop = asyncio.get_running_loop()
+        async with dev.lock:
+            if dev.worker is not None or dev.vm is None or dev.state != "failed":
+                return  # detached or restarted meanwhile
+            if loop.time() - dev.restarted < _REVIVE_PAUSE:
+                log.error("device %s: worker died again right after a restart", dev.id)
+                return
+            dev.restarted = loop.time()
+            try:
+                await self._spawn(dev)
+            except BusError as err:
+                self.events.emit("ERROR", device=dev.id, vm=dev.vm, error=f"no new worker: {err}")
+                return
+            log.info("device %s: a new worker serves VM %s", dev.id, dev.vm)
+
+    async def _reconnect(self, rec: VmRecord) -> dict[str, Any]:
+        """The socket chardev's reconnect option for this QEMU (``reconnect-ms`` from 9.2)."""
+        version: dict[str, Any] = await rec.qmp.execute("query-version")  # type: ignore[assignment]
+        qemu = version["qemu"]
+        if (qemu["major"], qemu["minor"]) >= (9, 2):
+            return {"reconnect-ms": _RECONNECT_MS}
+        return {"reconnect": 1}
 
     def _diff(self, dev: DeviceRecord, old: DeviceSnapshot, new: DeviceSnapshot) -> None:
         """Events for what changed between two snapshots of one device."""
