@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from pvbus.cli._common import CliError
-from pvbus.vm.guest import DEFAULT_SUITE, SUITES, GuestBuildError, build_guest
+from pvbus.vm.guest import (
+    ARCHES,
+    DEFAULT_ARCH,
+    DEFAULT_SUITE,
+    SUITES,
+    GuestBuildError,
+    build_guest,
+)
 
 
 def add_suite_option(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +36,21 @@ def register(sub: Any) -> None:
         "--cache-dir", type=Path, help="cache directory (default $XDG_CACHE_HOME/pvbus)"
     )
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument(
+        "--arch",
+        choices=ARCHES,
+        default=DEFAULT_ARCH,
+        help="guest architecture: amd64 (pci, mmio) or s390x (ccw; needs "
+        "'dpkg --add-architecture s390x')",
+    )
     build.set_defaults(handler=_build)
 
 
 def _build(args: argparse.Namespace) -> int:
     try:
-        guest = build_guest(suite=args.kernel_suite, cache_dir=args.cache_dir, force=args.force)
+        guest = build_guest(
+            suite=args.kernel_suite, cache_dir=args.cache_dir, force=args.force, arch=args.arch
+        )
     except GuestBuildError as err:
         raise CliError(f"guest build failed: {err}") from err
     print(f"kernel     {guest.kernel}")

@@ -5,6 +5,14 @@
 ``vmlinuz`` + ``initramfs.img`` into a cache directory keyed by the kernel version and a hash
 of everything that goes into the initramfs, so a second build is instant.
 
+``arch="s390x"`` builds the guest of the ``ccw`` transport the same way from
+``linux-image-s390x:s390x`` and ``busybox-static:s390x`` (dpkg must know the foreign
+architecture: ``dpkg --add-architecture s390x``, as scripts/setup-host.sh does). Nothing is
+installed; the foreign packages are kept in ``debs/s390x``. The s390x busybox cannot run here
+to list its applets, so the list comes from the host architecture's busybox-static of the
+same version; the x86-64 ``vsock-exec`` helper is left out (QEMU has no vhost-user vsock on
+CCW, so a ccw guest's command channel is the virtio-serial port).
+
 Guest protocol (see ``INIT_SCRIPT``): the runner appends a small cpio archive holding
 ``/pvbus/cmd`` (a ``sh -c`` script) and ``/pvbus/marker``; ``/init`` runs the command with
 stdout and stderr on the virtio-serial port named ``org.pvbus.out``, then writes
@@ -32,6 +40,8 @@ from pvbus.vm._modules import ModuleIndex, decompress_module
 from pvbus.vm._vsock_helper import helper_elf
 
 __all__ = [
+    "ARCHES",
+    "DEFAULT_ARCH",
     "DEFAULT_SUITE",
     "GUEST_MODULES",
     "INIT_SCRIPT",
@@ -43,6 +53,7 @@ __all__ = [
     "cache_root",
     "command_archive",
     "default_guest",
+    "guest_modules",
     "resolve_kernel_package",
 ]
 
@@ -52,6 +63,10 @@ DEFAULT_SUITE = "bookworm-backports"
 
 #: Name of the virtio-serial port that carries the command's output and status.
 OUTPUT_PORT = "org.pvbus.out"
+
+#: Debian architectures a guest can be built for: the host's (amd64) and s390x (ccw).
+ARCHES = ("amd64", "s390x")
+DEFAULT_ARCH = "amd64"
 
 #: Modules the guest loads (with their dependencies); built-ins are skipped.
 GUEST_MODULES = (
@@ -65,6 +80,14 @@ GUEST_MODULES = (
     "crc32c_generic",
     "ext4",
 )
+#: s390x: virtio-ccw is built in (CONFIG_S390_GUEST), so no transport modules.
+_S390X_MODULES = tuple(m for m in GUEST_MODULES if m not in ("virtio_pci", "virtio_mmio"))
+
+
+def guest_modules(arch: str = DEFAULT_ARCH) -> tuple[str, ...]:
+    """The modules a guest of ``arch`` loads."""
+    return _S390X_MODULES if arch == "s390x" else GUEST_MODULES
+
 
 #: Bump when the layout of the built image changes.
 _BUILD_VERSION = 2
@@ -155,6 +178,8 @@ class GuestImage:
     kernel: Path
     initramfs: Path
     kernel_version: str
+    #: Debian architecture of the kernel and busybox (amd64, s390x).
+    arch: str = DEFAULT_ARCH
 
     def to_json(self) -> str:
         """JSON for the cache's ``guest.json``."""
@@ -164,7 +189,8 @@ class GuestImage:
     def from_json(cls, text: str) -> GuestImage:
         """Inverse of :meth:`to_json`."""
         d = json.loads(text)
-        return cls(Path(d["kernel"]), Path(d["initramfs"]), d["kernel_version"])
+        arch = d.get("arch", DEFAULT_ARCH)
+        return cls(Path(d["kernel"]), Path(d["initramfs"]), d["kernel_version"], arch)
 
 
 def cache_root() -> Path:
@@ -204,30 +230,56 @@ def _depends_of(meta: str, suite: str) -> str | None:
     return None
 
 
-def resolve_kernel_package(suite: str = DEFAULT_SUITE, *, update: bool = True) -> str:
-    """The concrete ``linux-image-<version>-amd64`` behind ``linux-image-amd64`` in ``suite``.
+def _qualified(pkg: str, arch: str) -> str:
+    """``pkg`` for apt: ``pkg:arch`` for a foreign architecture."""
+    return pkg if arch == DEFAULT_ARCH else f"{pkg}:{arch}"
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHES:
+        raise GuestBuildError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHES)})")
+    if arch == DEFAULT_ARCH:
+        return
+    foreign = _run(["dpkg", "--print-foreign-architectures"], quiet=True).split()
+    if arch not in foreign:
+        raise GuestBuildError(
+            f"dpkg does not know the {arch} architecture: run 'dpkg --add-architecture {arch} "
+            "&& apt-get update' (scripts/setup-host.sh does)"
+        )
+
+
+def resolve_kernel_package(
+    suite: str = DEFAULT_SUITE, *, update: bool = True, arch: str = DEFAULT_ARCH
+) -> str:
+    """The concrete ``linux-image-<version>-<arch>`` behind ``linux-image-<arch>`` in ``suite``.
 
     Runs ``apt-get update`` once if the package lists do not know the suite (and ``update``).
     """
     if suite not in SUITES:
         raise GuestBuildError(f"unknown kernel suite {suite!r} (choose from {', '.join(SUITES)})")
+    _check_arch(arch)
+    meta = _qualified(f"linux-image-{arch}", arch)
     try:
-        pkg = _depends_of("linux-image-amd64", suite)
+        pkg = _depends_of(meta, suite)
     except GuestBuildError:
         pkg = None
     if pkg is None and update:
         _stderr("package lists do not know the kernel; running apt-get update")
         _run(["apt-get", "update", "-q"], quiet=True)
-        return resolve_kernel_package(suite, update=False)
+        return resolve_kernel_package(suite, update=False, arch=arch)
     if pkg is None:
-        raise GuestBuildError(f"cannot resolve linux-image-amd64 in {suite}")
+        raise GuestBuildError(f"cannot resolve {meta} in {suite}")
     return pkg
 
 
 def _download(pkg: str, suite: str | None, dest: Path, progress: Progress) -> Path:
-    """``apt-get download`` into ``dest`` (reusing a previous download) -> the .deb."""
+    """``apt-get download`` into ``dest`` (reusing a previous download) -> the .deb.
+
+    ``pkg`` may name its architecture (``busybox-static:s390x``); without, it is amd64.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    found = sorted(dest.glob(f"{pkg}_*.deb"))
+    name, _, arch = pkg.partition(":")
+    found = sorted(dest.glob(f"{name}_*_{arch or DEFAULT_ARCH}.deb"))
     if found:
         return found[-1]
     progress(f"downloading {pkg}")
@@ -261,22 +313,38 @@ def _guest_dir(cache: Path, kernel_deb: str, busybox_deb: str, modules: Iterable
     return cache / "guests" / f"{kernel_deb.removesuffix('.deb')}-{key}"
 
 
+def _deb_version(deb: Path) -> str:
+    """The version in a .deb's file name, without a binNMU suffix (``+b1``)."""
+    version = deb.name.split("_")[1]
+    head, sep, tail = version.rpartition("+b")
+    return head if sep and tail.isdigit() else version
+
+
 def build_guest(
     *,
     suite: str = DEFAULT_SUITE,
     cache_dir: Path | None = None,
-    modules: Iterable[str] = GUEST_MODULES,
+    modules: Iterable[str] | None = None,
     progress: Progress | None = _stderr,
     force: bool = False,
+    arch: str = DEFAULT_ARCH,
 ) -> GuestImage:
-    """Build (or find in the cache) the guest for the newest kernel of ``suite``."""
+    """Build (or find in the cache) the ``arch`` guest for the newest kernel of ``suite``."""
     say: Progress = progress or (lambda _msg: None)
     cache = cache_dir or cache_root()
-    modules = tuple(modules)
-    pkg = resolve_kernel_package(suite)
+    modules = tuple(guest_modules(arch) if modules is None else modules)
+    pkg = resolve_kernel_package(suite, arch=arch)
     debs = cache / "debs"
-    kernel_deb = _download(pkg, suite, debs, say)
-    busybox_deb = _download("busybox-static", None, debs, say)
+    # Foreign packages apart, so nothing looking for the host's ever finds them.
+    arch_debs = debs if arch == DEFAULT_ARCH else debs / arch
+    kernel_deb = _download(pkg, suite, arch_debs, say)
+    busybox_deb = _download(_qualified("busybox-static", arch), None, arch_debs, say)
+    lister_deb = busybox_deb
+    if arch != DEFAULT_ARCH:
+        # The applet list comes from the host's busybox-static of the same version.
+        lister_deb = _download("busybox-static", None, debs, say)
+        if _deb_version(lister_deb) != _deb_version(busybox_deb):
+            say(f"warning: applets listed by {lister_deb.name} for {busybox_deb.name}")
     gdir = _guest_dir(cache, kernel_deb.name, busybox_deb.name, modules)
     meta = gdir / "guest.json"
     if meta.exists() and not force:
@@ -288,13 +356,20 @@ def build_guest(
         say(f"extracting {kernel_deb.name}")
         _run(["dpkg-deb", "-x", str(kernel_deb), str(tmp / "kernel")])
         _run(["dpkg-deb", "-x", str(busybox_deb), str(tmp / "busybox")])
+        busybox = tmp / "busybox" / "bin" / "busybox"
+        lister = busybox
+        if lister_deb != busybox_deb:
+            _run(["dpkg-deb", "-x", str(lister_deb), str(tmp / "lister")])
+            lister = tmp / "lister" / "bin" / "busybox"
         vmlinuz = sorted((tmp / "kernel" / "boot").glob("vmlinuz-*"))
         if not vmlinuz:
             raise GuestBuildError(f"{kernel_deb.name} has no /boot/vmlinuz-*")
         version = vmlinuz[-1].name.removeprefix("vmlinuz-")
         moddir = tmp / "kernel" / "lib" / "modules" / version
         say(f"building initramfs for {version}")
-        image = _initramfs(tmp / "busybox" / "bin" / "busybox", moddir, modules)
+        image = _initramfs(
+            busybox, moddir, modules, applets=lister, vsock_helper=arch == DEFAULT_ARCH
+        )
         out = tmp / "out"
         out.mkdir()
         shutil.copyfile(vmlinuz[-1], out / "vmlinuz")
@@ -302,7 +377,7 @@ def build_guest(
         config = tmp / "kernel" / "boot" / f"config-{version}"
         if config.exists():
             shutil.copyfile(config, out / "config")
-        guest = GuestImage(gdir / "vmlinuz", gdir / "initramfs.img", version)
+        guest = GuestImage(gdir / "vmlinuz", gdir / "initramfs.img", version, arch)
         (out / "guest.json").write_text(guest.to_json())
         if gdir.exists():
             shutil.rmtree(gdir)
@@ -316,8 +391,19 @@ def _busybox_applets(busybox: Path) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
-    """The gzip'd base initramfs: busybox, ``/init`` and decompressed modules in load order."""
+def _initramfs(
+    busybox: Path,
+    moddir: Path,
+    modules: Iterable[str],
+    *,
+    applets: Path | None = None,
+    vsock_helper: bool = True,
+) -> bytes:
+    """The gzip'd base initramfs: busybox, ``/init`` and decompressed modules in load order.
+
+    ``applets``: a busybox of this host that lists the applets (when ``busybox`` cannot run
+    here); ``vsock_helper``: include the x86-64 ``vsock-exec``.
+    """
     index = ModuleIndex.from_tree(moddir)
     try:
         ordered = index.resolve(modules)
@@ -331,7 +417,7 @@ def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
     cpio.char_device("dev/console", 5, 1)
     cpio.char_device("dev/null", 1, 3, 0o666)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-    for applet in _busybox_applets(busybox):
+    for applet in _busybox_applets(applets or busybox):
         if applet != "bin/busybox":
             depth = applet.count("/")
             cpio.symlink(applet, "../" * depth + "bin/busybox")
@@ -339,7 +425,8 @@ def _initramfs(busybox: Path, moddir: Path, modules: Iterable[str]) -> bytes:
     cpio.file("etc/group", b"root:x:0:\n")
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
     cpio.file("pvbus/run", RUN_SCRIPT.encode(), 0o755)
-    cpio.file("bin/vsock-exec", helper_elf(), 0o755)
+    if vsock_helper:
+        cpio.file("bin/vsock-exec", helper_elf(), 0o755)
     names: list[str] = []
     for mod in ordered:
         fname = f"{mod.name}.ko"
@@ -381,7 +468,11 @@ def command_archive(
 
 
 def default_guest(
-    *, suite: str = DEFAULT_SUITE, cache_dir: Path | None = None, progress: Progress | None = None
+    *,
+    suite: str = DEFAULT_SUITE,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    arch: str = DEFAULT_ARCH,
 ) -> GuestImage:
     """The cached guest for ``suite``, built first if missing (quietly unless ``progress``)."""
-    return build_guest(suite=suite, cache_dir=cache_dir, progress=progress)
+    return build_guest(suite=suite, cache_dir=cache_dir, progress=progress, arch=arch)
