@@ -262,7 +262,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         VmConfig(transport="mmio", machine="q35")
     with pytest.raises(ValueError):
-        VmConfig(transport="ccw")
+        VmConfig(transport="isa")
     with pytest.raises(ValueError):
         VmConfig(memory_mib=8)
     with pytest.raises(ValueError):
@@ -381,3 +381,82 @@ def test_interactive_archive_and_qemu_console() -> None:
     argv = qemu_argv(VmConfig(), with_console, "tcg")
     assert "socket,id=pvbusterm,path=/w/hvc0.sock,server=on,wait=off" in argv
     assert "virtconsole,bus=vser.0,chardev=pvbusterm" in argv
+
+
+# --- ccw (s390x) ----------------------------------------------------------------------------
+
+
+def test_qemu_argv_ccw() -> None:
+    from pvbus.vm.devices import DeviceSpec
+
+    net = DeviceSpec.parse("net:switch=/w/sw,mac=52:54:00:00:00:09")
+    cfg = VmConfig(transport="ccw", disks=(DiskSpec(Path("a.img")),), devices=(net,))
+    assert cfg.machine_type == "s390-ccw-virtio" and cfg.arch == "s390x"
+    p = dataclasses.replace(paths(1), device_sockets=(Path("/w/d0"),))
+    argv = qemu_argv(cfg, p, "tcg")
+    assert argv[0] == "qemu-system-s390x"
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in argv
+    assert argv[argv.index("-machine") + 1] == "s390-ccw-virtio,memory-backend=mem"
+    assert argv[argv.index("-cpu") + 1] == "max"
+    assert "-bios" not in argv
+    cmdline = argv[argv.index("-append") + 1]
+    assert "console=ttysclp0" in cmdline and "ttyS0" not in cmdline
+    assert "virtio-serial-ccw,id=vser" in argv
+    assert "vhost-user-blk-ccw,id=vdisk0,chardev=disk0,num-queues=1" in argv
+    assert "vhost-user,id=pvnet0,chardev=pvdev0,queues=1" in argv
+    nic = next(a for a in argv if a.startswith("virtio-net-ccw,"))
+    assert "netdev=pvnet0" in nic and "mac=52:54:00:00:00:09" in nic and "vectors" not in nic
+    packed = qemu_argv(dataclasses.replace(cfg, packed=True), p, "tcg")
+    assert "vhost-user-blk-ccw,id=vdisk0,chardev=disk0,num-queues=1,packed=on" in packed
+
+
+def test_ccw_config_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pvbus.vm import devices
+    from pvbus.vm.devices import DeviceSpec, qemu_device_name, unsupported_reason
+    from pvbus.vm.qemu import default_qemu
+
+    assert VmConfig(transport="ccw", qemu="/opt/q").qemu == "/opt/q"
+    monkeypatch.setenv("PVBUS_QEMU_S390X", "/opt/qemu-s390x")
+    monkeypatch.setenv("PVBUS_QEMU", "/opt/qemu-x86")
+    assert VmConfig(transport="ccw").qemu == default_qemu("ccw") == "/opt/qemu-s390x"
+    assert VmConfig().qemu == "/opt/qemu-x86"
+    with pytest.raises(ValueError, match="does not fit transport ccw"):
+        VmConfig(transport="ccw", machine="q35")
+    assert qemu_device_name("rng", "ccw") == "vhost-user-rng-ccw"
+    assert qemu_device_name("net", "ccw") == "virtio-net-ccw"
+    listed = frozenset({"virtio-net-ccw", "vhost-user-fs-ccw"})
+    monkeypatch.setattr(devices, "_creatable_devices", lambda _qemu: listed)
+    assert unsupported_reason(DeviceSpec("net"), "ccw", "q") is None
+    why = unsupported_reason(DeviceSpec.rng(), "ccw", "q")
+    assert why is not None and "vhost-user-rng-ccw" in why and "no CCW proxy" in why
+
+
+def test_accel_for_a_foreign_guest() -> None:
+    choice = choose_accel("auto", facts(), guest_arch="s390x")
+    assert choice.name == "tcg" and "s390x guest" in choice.reason
+    assert choose_accel("auto", facts(machine="s390x"), guest_arch="s390x").name == "kvm"
+    assert choose_accel("auto", facts(), guest_arch="amd64").name == "kvm"
+
+
+def test_cli_run_ccw() -> None:
+    from pvbus.cli.run import vm_config
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--transport", "ccw", "--", "true"])
+    assert vm_config(args, ()).transport == "ccw"
+    args = parser.parse_args(["run", "--machine", "s390-ccw-virtio", "--", "true"])
+    config = vm_config(args, ())
+    assert config.transport == "ccw" and config.arch == "s390x"
+    args = parser.parse_args(["guest", "build", "--arch", "s390x"])
+    assert args.arch == "s390x"
+
+
+def test_guest_image_json_keeps_arch() -> None:
+    from pvbus.vm.guest import GuestImage, guest_modules
+
+    image = GuestImage(Path("/g/vmlinuz"), Path("/g/initramfs.img"), "6.12-s390x", "s390x")
+    assert GuestImage.from_json(image.to_json()) == image
+    old = '{"kernel": "/k", "initramfs": "/i", "kernel_version": "6.12-amd64"}'
+    assert GuestImage.from_json(old).arch == "amd64"
+    assert "virtio_pci" not in guest_modules("s390x") and "virtio_blk" in guest_modules("s390x")
+    assert "virtio_mmio" in guest_modules("amd64")

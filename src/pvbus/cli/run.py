@@ -26,8 +26,9 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS, default="pci", help="virtio transport")
     parser.add_argument(
         "--machine",
-        choices=("q35", "pc", "microvm"),
-        help="QEMU machine (default q35 for pci, microvm for mmio)",
+        choices=("q35", "pc", "microvm", "s390-ccw-virtio"),
+        help="QEMU machine (default q35 for pci, microvm for mmio, s390-ccw-virtio for ccw: "
+        "an s390x guest under qemu-system-s390x)",
     )
     parser.add_argument("--accel", choices=ACCELS, default="auto", help="accelerator")
     parser.add_argument("--memory", type=int, default=512, metavar="MiB", help="guest RAM")
@@ -63,6 +64,8 @@ def vm_config(args: argparse.Namespace, disks: tuple[DiskSpec, ...]) -> VmConfig
     transport = args.transport
     if args.machine == "microvm":
         transport = "mmio"
+    elif args.machine == "s390-ccw-virtio":
+        transport = "ccw"
     try:
         devices = tuple(DeviceSpec.parse(text) for text in getattr(args, "device", []))
         return VmConfig(
@@ -111,7 +114,7 @@ def _write(data: bytes) -> None:
 def run_in_guest(config: VmConfig, argv: list[str], timeout: float) -> int:
     """Run ``argv`` in a guest, printing its output live; map failures to :class:`CliError`."""
     with _vm_errors():
-        guest = default_guest(suite=config.kernel_suite, progress=_progress)
+        guest = default_guest(suite=config.kernel_suite, progress=_progress, arch=config.arch)
         result = run_command(config, argv, timeout, on_output=_write, guest=guest)
     return result.status
 
@@ -120,7 +123,7 @@ def shell_in_guest(config: VmConfig, boot_timeout: float) -> int:
     """An interactive shell on the guest's hvc0 in this terminal, until it exits or the
     escape key; map failures to :class:`CliError`."""
     with _vm_errors():
-        guest = default_guest(suite=config.kernel_suite, progress=_progress)
+        guest = default_guest(suite=config.kernel_suite, progress=_progress, arch=config.arch)
         vm = Vm(config, None, guest=guest)
         try:
             vm.start()

@@ -2,13 +2,15 @@
 
 ``/dev/kvm`` alone proves little. On a nested "PVM" host (``kvm_pvm`` module) the device is
 there but only PVM-enabled guest kernels run on it, and a host CPU without ``vmx``/``svm``
-has no hardware virtualization to offer at all. Both get TCG.
+has no hardware virtualization to offer at all. Both get TCG, and so does a guest of another
+architecture (an s390x guest on an x86-64 host).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ACCELS", "AccelChoice", "HostFacts", "choose_accel", "host_facts"]
@@ -26,6 +28,8 @@ class HostFacts:
     kvm_accessible: bool
     modules: frozenset[str]
     cpu_flags: frozenset[str]
+    #: The host's machine name as ``uname -m`` gives it.
+    machine: str = field(default_factory=platform.machine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +68,25 @@ def host_facts(
     )
 
 
-def choose_accel(requested: str = "auto", facts: HostFacts | None = None) -> AccelChoice:
-    """``kvm`` or ``tcg`` for ``requested`` in :data:`ACCELS`; ``kvm``/``tcg`` are obeyed."""
+#: ``uname -m`` of a guest per Debian architecture.
+_MACHINE_OF_ARCH = {"amd64": "x86_64", "s390x": "s390x"}
+
+
+def choose_accel(
+    requested: str = "auto", facts: HostFacts | None = None, *, guest_arch: str = "amd64"
+) -> AccelChoice:
+    """``kvm`` or ``tcg`` for ``requested`` in :data:`ACCELS`; ``kvm``/``tcg`` are obeyed.
+
+    ``guest_arch`` is the guest's Debian architecture: KVM runs only the host's own.
+    """
     if requested not in ACCELS:
         raise ValueError(f"unknown accelerator {requested!r} (choose from {', '.join(ACCELS)})")
     if requested != "auto":
         return AccelChoice(requested, "requested")
     f = facts or host_facts()
+    guest_machine = _MACHINE_OF_ARCH.get(guest_arch, guest_arch)
+    if guest_machine != f.machine:
+        return AccelChoice("tcg", f"{guest_machine} guest on a {f.machine} host")
     if not f.kvm_device:
         return AccelChoice("tcg", "no /dev/kvm")
     if not f.kvm_accessible:

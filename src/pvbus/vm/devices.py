@@ -6,6 +6,10 @@ socket (:func:`qemu_device_args`). QEMU has dedicated vhost-user devices for rng
 renders net as a virtio-net device on a ``vhost-user`` netdev,
 the console uses the generic ``vhost-user-device`` (QEMU docs/system/devices/vhost-user.rst),
 which needs the virtio id, the queue count and the config size on the command line.
+On ``ccw`` (s390x) QEMU 10 renders only the net device: a vhost-user netdev behind
+``virtio-net-ccw``. It has no ``vhost-user-rng-ccw``, ``vhost-user-vsock-ccw`` or
+``vhost-user-device-ccw``; those names are asked for anyway, so a QEMU that gains them works
+and one that lacks them is refused by :func:`unsupported_reason`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ __all__ = [
     "DEVICE_KINDS",
     "DeviceBackend",
     "DeviceSpec",
+    "creatable",
     "qemu_device_args",
+    "qemu_device_name",
     "serve_argv",
     "start_device",
     "unsupported_reason",
@@ -33,13 +39,19 @@ __all__ = [
 
 DEVICE_KINDS = ("net", "rng", "console", "vsock")
 
-#: QEMU device per kind and transport (pci, mmio).
+#: QEMU device per kind and transport (pci, mmio, ccw).
 _QEMU_DEVICES = {
-    "net": ("virtio-net-pci", "virtio-net-device"),
-    "rng": ("vhost-user-rng-pci", "vhost-user-rng"),
-    "vsock": ("vhost-user-vsock-pci", "vhost-user-vsock-device"),
-    "console": ("vhost-user-device-pci", "vhost-user-device"),
+    "net": ("virtio-net-pci", "virtio-net-device", "virtio-net-ccw"),
+    "rng": ("vhost-user-rng-pci", "vhost-user-rng", "vhost-user-rng-ccw"),
+    "vsock": ("vhost-user-vsock-pci", "vhost-user-vsock-device", "vhost-user-vsock-ccw"),
+    "console": ("vhost-user-device-pci", "vhost-user-device", "vhost-user-device-ccw"),
 }
+_TRANSPORT_INDEX = {"pci": 0, "mmio": 1, "ccw": 2}
+
+
+def qemu_device_name(kind: str, transport: str) -> str:
+    """The QEMU device that renders a pvbus ``kind`` on ``transport``."""
+    return _QEMU_DEVICES[kind][_TRANSPORT_INDEX[transport]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,17 +127,24 @@ def _creatable_devices(qemu: str) -> frozenset[str]:
     return frozenset(re.findall(r'^name "([^"]+)"', out.stdout + out.stderr, re.MULTILINE))
 
 
+def creatable(device: str, qemu: str) -> bool:
+    """Whether ``qemu -device help`` lists ``device`` (so ``-device`` can create it)."""
+    return device in _creatable_devices(qemu)
+
+
 def unsupported_reason(spec: DeviceSpec, transport: str, qemu: str) -> str | None:
     """Why ``qemu`` cannot render ``spec`` (None if it can).
 
     QEMU builds the generic ``vhost-user-device`` with ``user_creatable = false`` ("stop
     inexperienced users confusing themselves"), Debian's QEMU 10 among them: such a QEMU has
-    no way to give a guest a vhost-user console.
+    no way to give a guest a vhost-user console. On ccw only net has a device (QEMU 10).
     """
-    pci, mmio = _QEMU_DEVICES[spec.kind]
-    device = mmio if transport == "mmio" else pci
+    device = qemu_device_name(spec.kind, transport)
     if device not in _creatable_devices(qemu):
-        return f"{qemu} cannot create {device} (needed for a vhost-user {spec.kind})"
+        why = f"{qemu} cannot create {device} (needed for a vhost-user {spec.kind}"
+        if transport == "ccw":
+            why += "; QEMU has no CCW proxy for it"
+        return why + ")"
     return None
 
 
@@ -139,8 +158,7 @@ def qemu_device_args(
     spec: DeviceSpec, transport: str, index: int, socket_path: Path, *, packed: bool = False
 ) -> list[str]:
     """``-chardev`` and ``-device`` for ``spec`` on ``socket_path`` (``packed``: packed=on)."""
-    pci, mmio = _QEMU_DEVICES[spec.kind]
-    device = mmio if transport == "mmio" else pci
+    device = qemu_device_name(spec.kind, transport)
     chardev = f"pvdev{index}"
     ring = ",packed=on" if packed else ""
     if spec.kind == "net":

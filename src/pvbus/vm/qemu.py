@@ -2,12 +2,18 @@
 
 Guest RAM is a shared memfd so vhost-user backends can map it. With ``packed`` every device
 pvbus serves gets QEMU's ``packed=on``: the guest may then choose packed virtqueues (VIRTIO 1.2
-section 2.8). Two transports:
+section 2.8). Three transports:
 
 * ``pci``: ``q35`` (default) or ``pc``; devices ``*-pci``.
 * ``mmio``: ``microvm`` with qboot, no legacy PIT/PIC/RTC; devices ``*-device`` on
   virtio-mmio, found by the guest through ACPI. The kernel needs ``tsc_early_khz`` since no
   timer is left to calibrate the TSC against.
+* ``ccw``: ``s390-ccw-virtio`` under ``qemu-system-s390x`` (TCG on an x86 host), an s390x
+  guest (big-endian; virtio 1.x rings are little-endian whatever the CPU); devices
+  ``*-ccw`` on the channel subsystem, console on SCLP (``ttysclp0``). QEMU 10 renders only
+  some vhost-user devices on CCW: a vhost-user netdev behind ``virtio-net-ccw`` yes, but
+  there is no ``vhost-user-blk-ccw`` (nor rng, vsock or generic device): the runner refuses
+  what ``qemu -device help`` does not list (:func:`pvbus.vm.devices.unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -18,18 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvbus.vm.devices import DeviceSpec, qemu_device_args
-from pvbus.vm.guest import DEFAULT_SUITE, OUTPUT_PORT, SUITES
+from pvbus.vm.guest import DEFAULT_ARCH, DEFAULT_SUITE, OUTPUT_PORT, SUITES
 
 __all__ = [
     "COMMAND_CHANNELS",
     "DISK_BACKENDS",
+    "GUEST_ARCH",
     "MACHINES",
     "QBOOT",
     "QEMU",
+    "QEMU_S390X",
     "TRANSPORTS",
     "DiskSpec",
     "VmConfig",
     "VmPaths",
+    "blk_device",
+    "default_qemu",
     "format_argv",
     "host_tsc_khz",
     "kernel_cmdline",
@@ -37,8 +47,10 @@ __all__ = [
     "reconnect_option",
 ]
 
-TRANSPORTS = ("pci", "mmio")
-MACHINES = {"pci": ("q35", "pc"), "mmio": ("microvm",)}
+TRANSPORTS = ("pci", "mmio", "ccw")
+MACHINES = {"pci": ("q35", "pc"), "mmio": ("microvm",), "ccw": ("s390-ccw-virtio",)}
+#: The guest's Debian architecture per transport (see :func:`pvbus.vm.guest.build_guest`).
+GUEST_ARCH = {"pci": DEFAULT_ARCH, "mmio": DEFAULT_ARCH, "ccw": "s390x"}
 DISK_BACKENDS = ("pvbus", "qsd")
 #: How the command's output and status come back: a vsock stream (falling back to the
 #: virtio-serial port if the guest cannot connect) or the virtio-serial port only.
@@ -46,8 +58,24 @@ COMMAND_CHANNELS = ("vsock", "serial")
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 #: The QEMU binary looked up in PATH unless ``$PVBUS_QEMU`` names another.
 QEMU = "qemu-system-x86_64"
+#: The QEMU of the ``ccw`` transport, unless ``$PVBUS_QEMU_S390X`` names another.
+QEMU_S390X = "qemu-system-s390x"
 
 _MICROVM = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off"
+
+
+def default_qemu(transport: str) -> str:
+    """``$PVBUS_QEMU`` or qemu-system-x86_64; for ccw ``$PVBUS_QEMU_S390X`` or qemu-system-s390x."""
+    if transport == "ccw":
+        return os.environ.get("PVBUS_QEMU_S390X", QEMU_S390X)
+    return os.environ.get("PVBUS_QEMU", QEMU)
+
+
+def blk_device(transport: str) -> str:
+    """QEMU's vhost-user-blk device on ``transport``."""
+    return {"pci": "vhost-user-blk-pci", "mmio": "vhost-user-blk", "ccw": "vhost-user-blk-ccw"}[
+        transport
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +127,9 @@ class VmConfig:
     #: Reconnect to a backend that went away, after this many ms (0: never). With pvbus's
     #: inflight tracking the guest then goes on without an I/O error.
     reconnect_ms: int = 200
-    #: The QEMU binary: ``$PVBUS_QEMU`` if set (a QEMU of your own build), else from PATH.
-    qemu: str = field(default_factory=lambda: os.environ.get("PVBUS_QEMU", QEMU))
+    #: The QEMU binary; empty: :func:`default_qemu` for the transport (``$PVBUS_QEMU``, a QEMU
+    #: of your own build, or qemu-system-x86_64 from PATH; for ccw qemu-system-s390x).
+    qemu: str = ""
     #: Offer packed virtqueues (``packed=on``) on the devices pvbus serves; a Linux guest
     #: then uses them. (QEMU's generic vhost-user devices, rng and console, pass on whatever
     #: the backend offers, so those are packed either way.)
@@ -110,6 +139,8 @@ class VmConfig:
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {self.transport!r}")
+        if not self.qemu:
+            object.__setattr__(self, "qemu", default_qemu(self.transport))
         if self.machine is not None and self.machine not in MACHINES[self.transport]:
             allowed = ", ".join(MACHINES[self.transport])
             raise ValueError(
@@ -134,6 +165,11 @@ class VmConfig:
     def machine_type(self) -> str:
         """The machine actually used (default: q35 for pci, microvm for mmio)."""
         return self.machine or MACHINES[self.transport][0]
+
+    @property
+    def arch(self) -> str:
+        """The guest's Debian architecture (amd64, or s390x for ccw)."""
+        return GUEST_ARCH[self.transport]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +204,9 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
 
 
 def kernel_cmdline(config: VmConfig, tsc_khz: int = 0) -> str:
-    """Kernel command line: console on ttyS0, no reboot on panic, quiet-ish."""
-    args = ["console=ttyS0", "panic=-1", "loglevel=4", "rdinit=/init"]
+    """Kernel command line: console on ttyS0 (SCLP on s390x), no reboot on panic, quiet-ish."""
+    console = "ttysclp0" if config.transport == "ccw" else "ttyS0"
+    args = [f"console={console}", "panic=-1", "loglevel=4", "rdinit=/init"]
     if config.transport == "mmio":
         if tsc_khz > 0:
             args.append(f"tsc_early_khz={tsc_khz}")
@@ -178,8 +215,10 @@ def kernel_cmdline(config: VmConfig, tsc_khz: int = 0) -> str:
     return " ".join(args)
 
 
-def _device(config: VmConfig, pci: str, mmio: str) -> str:
-    return mmio if config.transport == "mmio" else pci
+def _serial_device(transport: str) -> str:
+    return {"pci": "virtio-serial-pci", "mmio": "virtio-serial-device", "ccw": "virtio-serial-ccw"}[
+        transport
+    ]
 
 
 def reconnect_option(reconnect_ms: int, qemu_version: tuple[int, int]) -> str:
@@ -205,6 +244,7 @@ def qemu_argv(
     machine = config.machine_type
     machine_opts = _MICROVM if machine == "microvm" else machine
     argv = [config.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    # ccw: QEMU maps -serial to the SCLP console; s390x TCG's "max" CPU boots Debian's kernel.
     argv += ["-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
     argv += ["-m", mem, "-smp", str(config.cpus)]
     argv += ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
@@ -214,13 +254,13 @@ def qemu_argv(
     argv += ["-kernel", str(paths.kernel), "-initrd", str(paths.initrd)]
     argv += ["-append", kernel_cmdline(config, tsc_khz)]
     argv += ["-chardev", f"file,id=console,path={paths.console_log}", "-serial", "chardev:console"]
-    argv += ["-device", _device(config, "virtio-serial-pci", "virtio-serial-device") + ",id=vser"]
+    argv += ["-device", _serial_device(config.transport) + ",id=vser"]
     argv += ["-chardev", f"socket,id=pvbusout,path={paths.output_socket}"]
     argv += ["-device", f"virtserialport,bus=vser.0,chardev=pvbusout,name={OUTPUT_PORT}"]
     if paths.console_socket is not None:
         term = f"socket,id=pvbusterm,path={paths.console_socket},server=on,wait=off"
         argv += ["-chardev", term, "-device", "virtconsole,bus=vser.0,chardev=pvbusterm"]
-    blk = _device(config, "vhost-user-blk-pci", "vhost-user-blk")
+    blk = blk_device(config.transport)
     for i, (disk, sock) in enumerate(zip(config.disks, paths.disk_sockets, strict=True)):
         reconnect = reconnect_option(config.reconnect_ms, qemu_version)
         argv += ["-chardev", f"socket,id=disk{i},path={sock}{reconnect}"]

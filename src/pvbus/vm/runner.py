@@ -11,6 +11,9 @@ With no command the guest runs an interactive shell on ``hvc0`` instead, and
 :meth:`Vm.interact` relays the user's terminal to it (:mod:`pvbus.vm.terminal`). ``hvc0`` is
 pvbus's console device where QEMU can render it (the generic ``vhost-user-device``), else
 QEMU's own ``virtconsole``.
+
+Where this QEMU cannot render pvbus's vsock device on the transport (ccw: QEMU has no
+vhost-user vsock on CCW) the command channel is the virtio-serial port from the start.
 """
 
 from __future__ import annotations
@@ -37,9 +40,15 @@ from typing import NoReturn
 
 from pvbus.vm.accel import choose_accel
 from pvbus.vm.backends import Backend, BackendError, start_backend
-from pvbus.vm.devices import DeviceBackend, DeviceSpec, start_device, unsupported_reason
+from pvbus.vm.devices import (
+    DeviceBackend,
+    DeviceSpec,
+    creatable,
+    start_device,
+    unsupported_reason,
+)
 from pvbus.vm.guest import GuestImage, command_archive, default_guest
-from pvbus.vm.qemu import VmConfig, VmPaths, host_tsc_khz, qemu_argv
+from pvbus.vm.qemu import VmConfig, VmPaths, blk_device, host_tsc_khz, qemu_argv
 from pvbus.vm.terminal import TerminalRelay, raw_terminal, terminal_size
 
 __all__ = [
@@ -252,13 +261,23 @@ class Vm:
             raise VmError(f"cannot start a VM that is {self.state.value}")
         qemu = shutil.which(self.config.qemu)
         if qemu is None:
-            raise VmError(f"{self.config.qemu} not found (install qemu-system-x86)")
+            package = "qemu-system-s390x" if self.config.transport == "ccw" else "qemu-system-x86"
+            raise VmError(f"{self.config.qemu} not found (install {package})")
         for disk in self.config.disks:
             if not disk.path.is_file():
                 raise VmError(f"disk image {disk.path} does not exist")
+        blk = blk_device(self.config.transport)
+        if self.config.disks and not creatable(blk, qemu):
+            raise VmError(
+                f"{self.config.qemu} cannot create {blk}: QEMU has no vhost-user-blk on "
+                f"{self.config.transport}, so disks cannot be rendered there"
+            )
         self.state = VmState.RUNNING
-        guest = self._guest or default_guest(suite=self.config.kernel_suite)
-        accel = choose_accel(self.config.accel)
+        arch = self.config.arch
+        guest = self._guest or default_guest(suite=self.config.kernel_suite, arch=arch)
+        if guest.arch != arch:
+            raise VmError(f"the {self.config.transport} transport needs an {arch} guest")
+        accel = choose_accel(self.config.accel, guest_arch=arch)
         self.accel = accel.name
         log.info("accelerator %s (%s)", accel.name, accel.reason)
         initrd = self.workdir / "initrd.img"
@@ -266,6 +285,9 @@ class Vm:
         base += b"\0" * (-len(base) % 4)
         interactive = self.command is None
         use_vsock = self.config.command_channel == "vsock" and not interactive
+        probe = DeviceSpec.vsock(self.workdir / "vsock.sock")
+        if use_vsock and unsupported_reason(probe, self.config.transport, qemu) is not None:
+            use_vsock = False  # this QEMU cannot render it here: the virtio-serial port
         vsock_port = COMMAND_PORT if use_vsock else None
         size = terminal_size(self.terminal_fd)
         term = os.environ.get("TERM", "vt100")
