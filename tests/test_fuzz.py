@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("target", ["messages", "rings"])
+@pytest.mark.parametrize("target", ["messages", "rings", "packed-rings"])
 def test_fuzz_target_short_campaign(target: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     result = subprocess.run(

@@ -10,7 +10,7 @@ from typing import Any
 
 from pvbus.cli._common import CliError
 
-TARGETS = ("messages", "rings")
+TARGETS = ("messages", "rings", "packed-rings")
 
 
 def register(sub: Any) -> None:
