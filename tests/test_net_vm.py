@@ -30,11 +30,13 @@ from pvbus.vm import GuestImage, RunResult, Vm, VmConfig
 pytestmark = pytest.mark.vm
 
 
-def qemu_net_args(transport: str, socket_path: Path, mac: str, queues: int = 1) -> tuple[str, ...]:
+def qemu_net_args(
+    transport: str, socket_path: Path, mac: str, queues: int = 1, *, packed: bool = False
+) -> tuple[str, ...]:
     """QEMU options for a vhost-user virtio-net device served at ``socket_path``."""
     netdev = f"vhost-user,id=net0,chardev=net0chr,queues={queues}"
     device = "virtio-net-device" if transport == "mmio" else "virtio-net-pci"
-    device += f",netdev=net0,mac={mac}"
+    device += f",netdev=net0,mac={mac}" + (",packed=on" if packed else "")
     if queues > 1:
         device += f",mq=on{',vectors=' + str(2 * queues + 2) if transport == 'pci' else ''}"
     return (
@@ -120,11 +122,14 @@ RECEIVER = (
     + "mkfifo /tmp/hold; sleep 600 > /tmp/hold & "
     + "i=0; until nc 169.254.7.1 5000 < /tmp/hold > /tmp/got; do "
     + "i=$((i+1)); [ $i -gt 120 ] && exit 4; sleep 1; done; kill $!; "
-    + "echo got $(md5sum < /tmp/got) $(wc -c < /tmp/got)"
+    + "echo got $(md5sum < /tmp/got) $(wc -c < /tmp/got); "
+    # VIRTIO_F_RING_PACKED (bit 34) as the guest's driver negotiated it
+    + "echo ring-packed=$(cut -c35 /sys/class/net/eth0/device/features)"
 )
 
 
 def test_two_guests_over_switch_pci_and_mmio(guest: GuestImage, tmp_path: Path) -> None:
+    """A split-ring guest on PCI sends 32 MiB to a packed-ring guest on virtio-mmio."""
     with processes() as procs:
         sw = tmp_path / "switch.sock"
         procs.append(pvbus("switch", "--socket-path", str(sw)))
@@ -139,9 +144,8 @@ def test_two_guests_over_switch_pci_and_mmio(guest: GuestImage, tmp_path: Path) 
                 pvbus("serve", "net", "--socket-path", str(sock), "--switch", str(sw), "--mac", mac)
             )  # fmt: skip
             wait_for(sock, procs[-1])
-            config = VmConfig(
-                transport=transport, accel="tcg", extra_args=qemu_net_args(transport, sock, mac)
-            )
+            net = qemu_net_args(transport, sock, mac, packed=name == "b")
+            config = VmConfig(transport=transport, accel="tcg", extra_args=net)
             (tmp_path / name).mkdir()
             vms.append(Vm(config, script, guest=guest, workdir=tmp_path / name))
         try:
@@ -158,6 +162,7 @@ def test_two_guests_over_switch_pci_and_mmio(guest: GuestImage, tmp_path: Path) 
     assert sent and got, (a_out, b_out)
     assert got.group(2) == str(32 << 20)
     assert got.group(1) == sent.group(1)
+    assert "ring-packed=1" in b_out
 
 
 def test_guest_pings_host_over_tap(guest: GuestImage, tmp_path: Path, netns: str) -> None:
