@@ -165,3 +165,39 @@ def test_pvbus_serve_console_process(tmp_path: Path) -> None:
         proc.terminate()
         assert proc.wait(10) == 0
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("source", ["file", "devnull"])
+def test_stdio_port_on_a_file_or_dev_null(tmp_path: Path, source: str) -> None:
+    """``pvbus serve console`` with stdin a regular file or /dev/null (what ``pvbus run``
+    gives its backends): epoll refuses such fds, so the port reads them as always ready: the
+    file's bytes reach the guest, /dev/null is a clean EOF, and output still goes to stdout."""
+    vhost = tmp_path / "vhost.sock"
+    stdin_path = tmp_path / "input"
+    stdin_path.write_bytes(b"from a file\n" * 1000)
+    out_path = tmp_path / "out"
+    argv = [sys.executable, "-m", "pvbus.cli.main", "serve", "console", "--socket-path", str(vhost)]
+    with (
+        (stdin_path if source == "file" else Path(os.devnull)).open("rb") as stdin,
+        out_path.open("wb") as stdout,
+    ):
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not vhost.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with ConsoleClient.connect(str(vhost)) as client:
+            client.wait_ready()
+            if source == "file":
+                assert client.read(0, 12 * 1000) == b"from a file\n" * 1000
+            client.write(0, b"to stdout\n")
+            deadline = time.monotonic() + 10
+            while out_path.read_bytes() != b"to stdout\n":
+                assert time.monotonic() < deadline, out_path.read_bytes()
+                time.sleep(0.02)
+        assert proc.poll() is None  # the backend is still serving
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -134,14 +134,27 @@ class _FdBackend(PortBackend):
         self.out_fd = -1
         self.paused = False
         self._watching = False
+        self._always_ready = False
 
     def _watch(self) -> None:
         if self.reactor is not None and self.in_fd >= 0 and not self.paused and not self._watching:
-            self.reactor.add_reader(self.in_fd, self._readable)
             self._watching = True
+            try:
+                self.reactor.add_reader(self.in_fd, self._readable)
+            except PermissionError:
+                # epoll cannot watch a regular file or /dev/null (EPERM): such an fd is
+                # always readable, so it is read a chunk per loop round until EOF or a pause.
+                self._always_ready = True
+                self.reactor.call_later(0, self._read_always_ready)
+
+    def _read_always_ready(self) -> None:
+        if self._watching and self.reactor is not None:
+            self._readable()
+            if self._watching:
+                self.reactor.call_later(0, self._read_always_ready)
 
     def _unwatch(self) -> None:
-        if self._watching and self.reactor is not None:
+        if self._watching and self.reactor is not None and not self._always_ready:
             self.reactor.remove_reader(self.in_fd)
         self._watching = False
 
