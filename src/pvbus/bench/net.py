@@ -127,13 +127,14 @@ def _backend(kind: str, sock: Path, cpu: int, other_cpu: int, log: Path) -> Iter
 
 
 def _frontend(
-    sock: Path, mode: str, size: int, seconds: float, *, cpu: int, other_cpu: int
+    sock: Path, mode: str, size: int, seconds: float, *, cpu: int, other_cpu: int, packed: bool
 ) -> tuple[str, float]:
     """Run testpmd in ``mode`` for ``seconds`` of forwarding; its output and the time."""
     # Line-buffered, so "Press enter to exit" (forwarding started) is seen when it is printed.
     argv = ["stdbuf", "-oL", TESTPMD, "-l", f"{other_cpu},{cpu}", "--main-lcore", str(other_cpu)]
     argv += [*_EAL, "--file-prefix", f"pvbus-fe-{os.getpid()}"]
-    argv += ["--vdev", f"net_virtio_user0,path={sock},queues=1", "--"]
+    vdev = f"net_virtio_user0,path={sock},queues=1" + (",packed_vq=1" if packed else "")
+    argv += ["--vdev", vdev, "--"]
     argv += [f"--forward-mode={MODES[mode]}", f"--txpkts={size}", "-a", *_PMD]
     # testpmd exits at end of input ("Press enter to exit"): give it a stdin that stays open.
     proc = subprocess.Popen(
@@ -181,6 +182,7 @@ def run_net_bench(
     mode: str = "tx",
     frontend_cpu: int = 1,
     backend_cpu: int = 0,
+    packed: bool = False,
 ) -> NetResult:
     """One run: start the backend, drive it with testpmd for ``seconds``, return the rates."""
     if not testpmd_available():
@@ -195,8 +197,9 @@ def run_net_bench(
         try:
             with _backend(backend, sock, backend_cpu, frontend_cpu, log):
                 out, elapsed = _frontend(
-                    sock, mode, size, seconds, cpu=frontend_cpu, other_cpu=backend_cpu
-                )
+                    sock, mode, size, seconds, cpu=frontend_cpu, other_cpu=backend_cpu,
+                    packed=packed,
+                )  # fmt: skip
         except NetBenchError as err:
             tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
             raise NetBenchError(f"{err}\nbackend log:\n{tail}") from err
@@ -227,7 +230,9 @@ def main(args: Any) -> int:
             for _ in range(args.repeat):
                 for backend in backends:
                     try:
-                        result = run_net_bench(backend, size, args.seconds, mode=mode)
+                        result = run_net_bench(
+                            backend, size, args.seconds, mode=mode, packed=args.packed
+                        )
                     except (NetBenchError, ValueError) as err:
                         print(f"pvbus: bench net: {err}", file=sys.stderr)
                         return 1
@@ -244,7 +249,8 @@ def main(args: Any) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in runs], indent=2))
         return 0
-    print(f"median of {args.repeat} run(s) of {args.seconds:g} s each")
+    rings = "packed" if args.packed else "split"
+    print(f"median of {args.repeat} run(s) of {args.seconds:g} s each, {rings} virtqueues")
     head = f"{'mode':4} {'frame':>6} " + " ".join(
         f"{b + ' Mpps':>11} {b + ' Gbit/s':>13}" for b in backends
     )

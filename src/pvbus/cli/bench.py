@@ -56,6 +56,9 @@ def register(sub: Any) -> None:
         "(flowgen) after a round trip; both (default)",
     )
     net.add_argument("--repeat", type=int, default=3, help="runs per case; the median (3)")
+    net.add_argument(
+        "--packed", action="store_true", help="packed virtqueues (testpmd's packed_vq=1)"
+    )
     net.add_argument("--json", action="store_true", help="print JSON instead of a table")
     net.set_defaults(handler=lambda a: __import__("pvbus.bench.net", fromlist=["main"]).main(a))
 
