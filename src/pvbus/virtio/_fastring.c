@@ -237,6 +237,62 @@ scan_frames(const pop_args *a, const unsigned char *table, const unsigned char *
     return count;
 }
 
+/*
+ * The frames of `found` as the result's first item: memoryviews of guest memory (views), or
+ * copied back to back into `into` with their end offsets as native uint32s (batch); and
+ * the heads (split) or buffer ids (packed) as native uint16s. NULL on error.
+ */
+static int
+frames_result(const simple_t *found, unsigned int count, Py_buffer *into, PyObject **frames,
+              PyObject **heads)
+{
+    *heads = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)2 * count);
+    if (*heads == NULL)
+        return -1;
+    uint16_t *head_out = (uint16_t *)PyBytes_AS_STRING(*heads);
+    for (unsigned int i = 0; i < count; i++)
+        head_out[i] = found[i].head;
+    if (into != NULL) {
+        *frames = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)4 * count);
+        if (*frames == NULL)
+            return -1;
+        char *dst = into->buf; /* the scan kept the total within into->len */
+        uint32_t *end_out = (uint32_t *)PyBytes_AS_STRING(*frames);
+        uint32_t pos = 0;
+        for (unsigned int i = 0; i < count; i++) {
+            memcpy(dst + pos, found[i].data, found[i].len);
+            pos += found[i].len;
+            end_out[i] = pos;
+        }
+        return 0;
+    }
+    *frames = PyList_New(count);
+    if (*frames == NULL)
+        return -1;
+    for (unsigned int i = 0; i < count; i++) {
+        PyObject *view = PySequence_GetSlice(found[i].reg->buf, (Py_ssize_t)found[i].off,
+                                             (Py_ssize_t)(found[i].off + found[i].len));
+        if (view == NULL)
+            return -1;
+        PyList_SET_ITEM(*frames, i, view);
+    }
+    return 0;
+}
+
+/* Hold pop_batch's buffer `obj` (writable, under 4 GiB). */
+static int
+hold_into(PyObject *obj, Py_buffer *into)
+{
+    if (get_buffer(obj, into, 0, 1, "batch buffer") < 0)
+        return -1;
+    if ((uint64_t)into->len > 0xFFFFFFFFu) {
+        PyBuffer_Release(into);
+        PyErr_SetString(PyExc_ValueError, "batch buffer of 4 GiB or more");
+        return -1;
+    }
+    return 0;
+}
+
 /* pop_frames and pop_batch: hold the rings and regions, scan, then build the result. */
 static PyObject *
 pop_simple(PyObject *args, int batch)
@@ -248,16 +304,11 @@ pop_simple(PyObject *args, int batch)
     held_buffer held[MAX_REGIONS];
     Py_ssize_t nregions = 0;
     Py_buffer desc, avail, into;
-    PyObject *frames = NULL, *ends = NULL, *heads = NULL, *result = NULL;
+    PyObject *frames = NULL, *heads = NULL, *result = NULL;
     simple_t *found = NULL;
 
-    if (batch && get_buffer(a.into, &into, 0, 1, "batch buffer") < 0)
+    if (batch && hold_into(a.into, &into) < 0)
         return NULL;
-    if (batch && (uint64_t)into.len > 0xFFFFFFFFu) {
-        PyBuffer_Release(&into);
-        PyErr_SetString(PyExc_ValueError, "batch buffer of 4 GiB or more");
-        return NULL;
-    }
     if (get_buffer(a.desc_obj, &desc, (Py_ssize_t)16 * a.size, 0, "descriptor table") < 0) {
         if (batch)
             PyBuffer_Release(&into);
@@ -278,44 +329,12 @@ pop_simple(PyObject *args, int batch)
     }
     unsigned int count = scan_frames(&a, desc.buf, avail.buf, regions, nregions,
                                      batch ? (uint64_t)into.len : UINT64_MAX, found);
-    heads = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)2 * count);
-    if (heads == NULL)
+    if (frames_result(found, count, batch ? &into : NULL, &frames, &heads) < 0)
         goto out;
-    uint16_t *head_out = (uint16_t *)PyBytes_AS_STRING(heads);
-    for (unsigned int i = 0; i < count; i++)
-        head_out[i] = found[i].head;
-    if (batch) {
-        ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)4 * count);
-        if (ends == NULL)
-            goto out;
-        char *dst = into.buf; /* scan_frames kept the total within into.len */
-        uint32_t *end_out = (uint32_t *)PyBytes_AS_STRING(ends);
-        uint32_t pos = 0;
-        for (unsigned int i = 0; i < count; i++) {
-            memcpy(dst + pos, found[i].data, found[i].len);
-            pos += found[i].len;
-            end_out[i] = pos;
-        }
-        result = Py_BuildValue("(OOI)", ends, heads,
-                               (unsigned int)((a.next_avail + count) & 0xFFFF));
-    } else {
-        frames = PyList_New(count);
-        if (frames == NULL)
-            goto out;
-        for (unsigned int i = 0; i < count; i++) {
-            PyObject *view = PySequence_GetSlice(found[i].reg->buf, (Py_ssize_t)found[i].off,
-                                                 (Py_ssize_t)(found[i].off + found[i].len));
-            if (view == NULL)
-                goto out;
-            PyList_SET_ITEM(frames, i, view);
-        }
-        result = Py_BuildValue("(OOI)", frames, heads,
-                               (unsigned int)((a.next_avail + count) & 0xFFFF));
-    }
+    result = Py_BuildValue("(OOI)", frames, heads, (unsigned int)((a.next_avail + count) & 0xFFFF));
 out:
     PyMem_Free(found);
     Py_XDECREF(frames);
-    Py_XDECREF(ends);
     Py_XDECREF(heads);
     release_regions(held, nregions);
     PyBuffer_Release(&avail);
@@ -468,6 +487,280 @@ publish_used(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLong(idx);
 }
 
+/* -- packed virtqueues (section 2.8) ------------------------------------------------------ */
+
+#define PACKED_AVAIL 0x0080u /* VIRTQ_DESC_F_AVAIL */
+#define PACKED_WRAP 0x8080u  /* VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED */
+#define DESC_WRITE 0x0002u
+
+/* One step of a packed ring position: wrapping flips the expected AVAIL/USED bits. */
+static void
+packed_step(unsigned int size, unsigned int *pos, unsigned int *bits)
+{
+    if (++*pos == size) {
+        *pos = 0;
+        *bits ^= PACKED_WRAP;
+    }
+}
+
+/*
+ * The simple descriptors available from *pos on (flags exactly *bits | want: available in
+ * this lap, no NEXT, no INDIRECT), at most `limit`, as pop_frames' scan_frames takes them;
+ * advances *pos and *bits past them. Flags are read before the rest (acquire).
+ */
+static unsigned int
+scan_packed(const unsigned char *ring, unsigned int size, unsigned int *pos, unsigned int *bits,
+            unsigned int limit, unsigned int want, region_t *regions, Py_ssize_t nregions,
+            unsigned int skip, uint64_t min_len, uint64_t max_len, unsigned int zero_prefix,
+            uint64_t max_bytes, simple_t *out)
+{
+    Py_ssize_t last = 0;
+    uint64_t total = 0;
+    unsigned int count = 0;
+    while (count < limit) {
+        const unsigned char *d = ring + 16 * (size_t)*pos;
+        uint16_t flags, id;
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&flags, d + 14, 2);
+        if (flags != (*bits | want))
+            break;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the flags before what they cover */
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        memcpy(&id, d + 12, 2);
+        if (len < min_len || len > max_len)
+            break;
+        total += len - skip;
+        if (total > max_bytes)
+            break;
+        region_t *reg = find_region(regions, nregions, &last, addr, len);
+        if (reg == NULL)
+            break;
+        uint64_t off = addr - reg->gpa;
+        const unsigned char *p = (const unsigned char *)reg->base + off;
+        unsigned int z;
+        for (z = 0; z < zero_prefix && p[z] == 0; z++)
+            ;
+        if (z < zero_prefix)
+            break;
+        out[count].head = id;
+        out[count].len = len - skip;
+        out[count].data = (const char *)p + skip;
+        out[count].reg = reg;
+        out[count].off = off + skip;
+        count++;
+        packed_step(size, pos, bits);
+    }
+    return count;
+}
+
+/*
+ * Used descriptors for `ids` (one descriptor each) from *used_pos on: id and length first,
+ * the flags of all but the first at once, the first's flags last after a release fence, so
+ * the driver sees the whole batch together (2.8.9, 2.8.21).
+ */
+static void
+packed_put_used(unsigned char *ring, unsigned int size, unsigned int *used_pos,
+                unsigned int *used_wrap, const uint16_t *ids, const uint32_t *lens,
+                uint32_t one_len, Py_ssize_t count)
+{
+    unsigned char *first = NULL;
+    uint16_t first_flags = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned char *d = ring + 16 * (size_t)*used_pos;
+        uint32_t len = lens != NULL ? lens[i] : one_len;
+        uint16_t flags = (uint16_t)((*used_wrap ? PACKED_WRAP : 0) | (len ? DESC_WRITE : 0));
+        memcpy(d + 8, &len, 4);
+        memcpy(d + 12, &ids[i], 2);
+        if (i == 0) {
+            first = d;
+            first_flags = flags;
+        } else {
+            memcpy(d + 14, &flags, 2);
+        }
+        if (++*used_pos == size) {
+            *used_pos = 0;
+            *used_wrap ^= 1;
+        }
+    }
+    if (first != NULL) {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(first + 14, &first_flags, 2);
+    }
+}
+
+static int
+packed_args_ok(unsigned int size, unsigned int pos, unsigned int bits)
+{
+    if (size == 0 || size > 32768 || pos >= size || (bits != PACKED_AVAIL && bits != 0x8000u)) {
+        PyErr_SetString(PyExc_ValueError, "packed ring size, position or wrap bits out of range");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+packed_pop(PyObject *self, PyObject *args)
+{
+    PyObject *ring_obj, *regions_obj, *into_obj = Py_None;
+    unsigned int size, pos, bits, limit, want, skip, zero_prefix;
+    unsigned long long min_len, max_len;
+    if (!PyArg_ParseTuple(args, "OIIIIIOIKKI|O", &ring_obj, &size, &pos, &bits, &limit, &want,
+                          &regions_obj, &skip, &min_len, &max_len, &zero_prefix, &into_obj))
+        return NULL;
+    if (!packed_args_ok(size, pos, bits))
+        return NULL;
+    if (min_len < (unsigned long long)skip + zero_prefix)
+        min_len = (unsigned long long)skip + zero_prefix;
+    int batch = into_obj != Py_None;
+    region_t regions[MAX_REGIONS];
+    held_buffer held[MAX_REGIONS];
+    Py_ssize_t nregions = 0;
+    Py_buffer ring, into;
+    PyObject *frames = NULL, *ids = NULL, *result = NULL;
+    simple_t *found = NULL;
+    if (batch && hold_into(into_obj, &into) < 0)
+        return NULL;
+    if (get_buffer(ring_obj, &ring, (Py_ssize_t)16 * size, 0, "descriptor ring") < 0) {
+        if (batch)
+            PyBuffer_Release(&into);
+        return NULL;
+    }
+    if (hold_regions(regions_obj, regions, held, &nregions) < 0)
+        goto out;
+    if (limit > size)
+        limit = size; /* one lap at most */
+    found = PyMem_Malloc(sizeof(simple_t) * limit + 1);
+    if (found == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    unsigned int count = scan_packed(ring.buf, size, &pos, &bits, limit, want, regions,
+                                     nregions, skip, min_len, max_len, zero_prefix,
+                                     batch ? (uint64_t)into.len : UINT64_MAX, found);
+    if (frames_result(found, count, batch ? &into : NULL, &frames, &ids) < 0)
+        goto out;
+    result = Py_BuildValue("(OOII)", frames, ids, pos, bits);
+out:
+    PyMem_Free(found);
+    Py_XDECREF(frames);
+    Py_XDECREF(ids);
+    release_regions(held, nregions);
+    PyBuffer_Release(&ring);
+    if (batch)
+        PyBuffer_Release(&into);
+    return result;
+}
+
+static PyObject *
+packed_fill(PyObject *self, PyObject *args)
+{
+    PyObject *ring_obj, *regions_obj;
+    unsigned int size, pos, bits, used_pos, used_wrap;
+    Py_ssize_t start;
+    Py_buffer data, ends, prefix, ring;
+    if (!PyArg_ParseTuple(args, "OIIIIIOy*y*ny*", &ring_obj, &size, &pos, &bits, &used_pos,
+                          &used_wrap, &regions_obj, &data, &ends, &start, &prefix))
+        return NULL;
+    region_t regions[MAX_REGIONS];
+    held_buffer held[MAX_REGIONS];
+    Py_ssize_t nregions = 0, count = 0, last = 0, nframes = ends.len / 4;
+    PyObject *result = NULL;
+    uint16_t *ids = NULL;
+    uint32_t *lens = NULL;
+    int have_ring = 0;
+    if (!packed_args_ok(size, pos, bits) || used_pos >= size || used_wrap > 1 || ends.len % 4 ||
+        start < 0 || start > nframes) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "used position, wrap or batch out of range");
+        goto out;
+    }
+    if (get_buffer(ring_obj, &ring, (Py_ssize_t)16 * size, 1, "descriptor ring") < 0)
+        goto out;
+    have_ring = 1;
+    if (hold_regions(regions_obj, regions, held, &nregions) < 0)
+        goto out;
+    Py_ssize_t n = nframes - start;
+    if (n > (Py_ssize_t)size)
+        n = size; /* one lap at most */
+    ids = PyMem_Malloc(sizeof(uint16_t) * n + 1);
+    lens = PyMem_Malloc(sizeof(uint32_t) * n + 1);
+    if (ids == NULL || lens == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    const uint32_t *end = ends.buf;
+    uint32_t from = start ? end[start - 1] : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t to = end[start + i];
+        if (to < from || to > (uint64_t)data.len) {
+            PyErr_SetString(PyExc_ValueError, "frame ends out of order or past the data");
+            goto out;
+        }
+        const unsigned char *d = (const unsigned char *)ring.buf + 16 * (size_t)pos;
+        uint16_t flags, id;
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&flags, d + 14, 2);
+        if (flags != (bits | DESC_WRITE))
+            break;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        memcpy(&id, d + 12, 2);
+        uint64_t need = (uint64_t)prefix.len + (to - from);
+        region_t *reg = need <= len ? find_region(regions, nregions, &last, addr, need) : NULL;
+        if (reg == NULL)
+            break;
+        char *p = reg->base + (addr - reg->gpa);
+        memcpy(p, prefix.buf, prefix.len);
+        memcpy(p + prefix.len, (const char *)data.buf + from, to - from);
+        ids[count] = id;
+        lens[count] = (uint32_t)need;
+        count++;
+        from = to;
+        packed_step(size, &pos, &bits);
+    }
+    packed_put_used(ring.buf, size, &used_pos, &used_wrap, ids, lens, 0, count);
+    result = Py_BuildValue("(nIIII)", count, pos, bits, used_pos, used_wrap);
+out:
+    PyMem_Free(ids);
+    PyMem_Free(lens);
+    release_regions(held, nregions);
+    if (have_ring)
+        PyBuffer_Release(&ring);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&prefix);
+    return result;
+}
+
+static PyObject *
+packed_publish(PyObject *self, PyObject *args)
+{
+    PyObject *ring_obj;
+    unsigned int size, used_pos, used_wrap, length;
+    Py_buffer ids, ring;
+    if (!PyArg_ParseTuple(args, "OIIIy*I", &ring_obj, &size, &used_pos, &used_wrap, &ids,
+                          &length))
+        return NULL;
+    if (size == 0 || size > 32768 || used_pos >= size || used_wrap > 1 || ids.len % 2 ||
+        ids.len / 2 > (Py_ssize_t)size) {
+        PyBuffer_Release(&ids);
+        PyErr_SetString(PyExc_ValueError, "packed ring size, used position or ids out of range");
+        return NULL;
+    }
+    if (get_buffer(ring_obj, &ring, (Py_ssize_t)16 * size, 1, "descriptor ring") < 0) {
+        PyBuffer_Release(&ids);
+        return NULL;
+    }
+    packed_put_used(ring.buf, size, &used_pos, &used_wrap, ids.buf, NULL, length, ids.len / 2);
+    PyBuffer_Release(&ring);
+    PyBuffer_Release(&ids);
+    return Py_BuildValue("(II)", used_pos, used_wrap);
+}
+
 static PyMethodDef methods[] = {
     {"pop_frames", pop_frames, METH_VARARGS,
      "Take available one-descriptor chains as memoryviews (see the module source)."},
@@ -475,6 +768,12 @@ static PyMethodDef methods[] = {
      "Take available one-descriptor chains as one frame batch (see the module source)."},
     {"fill_batch", fill_batch, METH_VARARGS,
      "Copy a batch's frames into available one-buffer writable chains; publish them."},
+    {"packed_pop", packed_pop, METH_VARARGS,
+     "pop_frames / pop_batch on a packed ring (see packed.py)."},
+    {"packed_fill", packed_fill, METH_VARARGS,
+     "fill_batch on a packed ring: copy frames into one-buffer chains, mark them used."},
+    {"packed_publish", packed_publish, METH_VARARGS,
+     "Used descriptors for one-descriptor buffers, the first's flags last."},
     {"publish_used", publish_used, METH_VARARGS,
      "Write used elements for heads, then the used index; return the new index."},
     {NULL, NULL, 0, NULL},

@@ -48,6 +48,11 @@ from pvbus.virtio.inflight import PackedInflight
 from pvbus.virtio.memory import GuestMemory
 from pvbus.virtio.split import MAX_INDIRECT, Buffer, DescriptorChain, Popped
 
+try:
+    from pvbus.virtio import _fastring
+except ImportError:  # not built: the Python loops below do the same
+    _fastring = None  # type: ignore[assignment]
+
 __all__ = ["PackedQueue", "decode_base", "encode_base"]
 
 _DESC = struct.Struct("<QIHH")  # addr, len, id, flags (2.8.13)
@@ -415,6 +420,13 @@ class PackedQueue:
             return [], b""
         min_len = max(min_len, skip + zero_prefix)
         want = _WRITE if write else 0
+        if _fastring is not None and max_bytes < 0:
+            taken, ids, self.avail_pos, self._avail_bits = _fastring.packed_pop(
+                self._ring, self.size, self.avail_pos, self._avail_bits, limit, want,
+                mem.table, skip, min_len, max_len, zero_prefix,
+            )  # fmt: skip
+            self.next_avail = (self.next_avail + len(taken)) & 0xFFFF
+            return taken, ids
         ring16 = self._ring16
         ring = self._ring
         size = self.size
@@ -425,7 +437,7 @@ class PackedQueue:
         views: list[memoryview] = []
         heads = array.array("H")
         total = 0
-        for _ in range(limit):
+        for _ in range(min(limit, size)):  # one lap at most
             flags = ring16[8 * pos + 7]
             if flags & _WRAP_BITS != bits or flags ^ bits != want:
                 break
@@ -464,7 +476,18 @@ class PackedQueue:
         zero_prefix: int = 0,
     ) -> tuple[FrameBatch, bytes]:
         """The chains :meth:`pop_frames` takes, as many as fit, copied back to back into
-        ``into`` (:meth:`SplitQueue.pop_batch`'s contract; here in Python)."""
+        ``into`` (:meth:`SplitQueue.pop_batch`'s contract; in C where built)."""
+        if _fastring is not None:
+            if mem is not self._mem:
+                self._bind(mem)
+            if self._resubmit or self.inflight is not None:
+                return FrameBatch(into, b""), b""
+            ends, ids, self.avail_pos, self._avail_bits = _fastring.packed_pop(
+                self._ring, self.size, self.avail_pos, self._avail_bits, limit, 0, mem.table,
+                skip, max(min_len, skip + zero_prefix), max_len, zero_prefix, into,
+            )  # fmt: skip
+            self.next_avail = (self.next_avail + len(ids) // 2) & 0xFFFF
+            return FrameBatch(into, ends), ids
         views, heads = self.pop_frames(
             mem, limit, skip=skip, min_len=min_len, max_len=max_len,
             zero_prefix=zero_prefix, max_bytes=len(into),
@@ -482,7 +505,17 @@ class PackedQueue:
             self._bind(mem)
         if self._resubmit or self.inflight is not None or start >= len(batch):
             return 0
-        frames = batch.frames(start)
+        if _fastring is not None:
+            count, self.avail_pos, self._avail_bits, self.used_pos, self.used_wrap = (
+                _fastring.packed_fill(
+                    self._ring, self.size, self.avail_pos, self._avail_bits, self.used_pos,
+                    self.used_wrap, mem.table, batch.data, batch.ends, start, prefix,
+                )
+            )  # fmt: skip
+            self._count_used(count, count)
+            self.next_avail = (self.next_avail + count) & 0xFFFF
+            return count
+        frames = batch.frames(start, min(len(batch), start + self.size))  # one lap at most
         ring16 = self._ring16
         ring = self._ring
         size = self.size
@@ -666,8 +699,7 @@ class PackedQueue:
         ring16[first] = first_flags
         self.used_pos = pos
         self.used_wrap = wrap
-        self.used_count = (self.used_count + total) & 0xFFFF
-        self.next_used = (self.next_used + len(entries)) & 0xFFFF
+        self._count_used(len(entries), total)
 
     def _add_used_tracked(self, entries: list[tuple[int, int]]) -> None:
         """Return buffers with the inflight region kept in step (vhost-user.rst, "When
@@ -690,8 +722,25 @@ class PackedQueue:
 
     def add_used_heads(self, mem: GuestMemory, heads: bytes, length: int = 0) -> None:
         """Return the buffers ``heads`` (from :meth:`pop_frames`), ``length`` bytes written to
-        each, together."""
-        self.add_used_many(mem, [(head, length) for head in memoryview(heads).cast("H")])
+        each, together (in C where built, for buffers of one descriptor)."""
+        if mem is not self._mem:
+            self._bind(mem)
+        ids = memoryview(heads).cast("H")
+        if (
+            _fastring is not None
+            and self.inflight is None
+            and (not self._ndesc or self._ndesc.keys().isdisjoint(ids))
+        ):
+            self.used_pos, self.used_wrap = _fastring.packed_publish(
+                self._ring, self.size, self.used_pos, self.used_wrap, heads, length
+            )
+            self._count_used(len(ids), len(ids))
+            return
+        self.add_used_many(mem, [(head, length) for head in ids])
+
+    def _count_used(self, entries: int, descriptors: int) -> None:
+        self.used_count = (self.used_count + descriptors) & 0xFFFF
+        self.next_used = (self.next_used + entries) & 0xFFFF
 
     # -- notifications (2.8.10) -------------------------------------------------------------
 
