@@ -406,7 +406,7 @@ class PackedQueue:
         max_bytes: int = -1,
     ) -> tuple[list[memoryview], bytes]:
         """Take up to ``limit`` chains while each is the common simple case
-        (:meth:`SplitQueue.pop_frames`'s contract; here always in Python).
+        (:meth:`SplitQueue.pop_frames`'s contract; in C where built).
 
         One descriptor of the direction asked for, of ``min_len`` to ``max_len`` bytes, in one
         memory region, its first ``zero_prefix`` bytes zero (and, with ``max_bytes``, while
