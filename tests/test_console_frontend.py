@@ -141,6 +141,15 @@ def test_read_timeout_is_a_clean_error(multi: tuple[Served, Path]) -> None:
             client.read(1, 1, timeout=0.2)
 
 
+def wait_listening(proc: subprocess.Popen[bytes], vhost: Path) -> None:
+    """Until ``pvbus serve`` has created its socket (its stderr if it exits first)."""
+    deadline = time.monotonic() + 15
+    while not vhost.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_pvbus_serve_console_process(tmp_path: Path) -> None:
     vhost = tmp_path / "vhost.sock"
     argv = [sys.executable, "-m", "pvbus.cli.main", "serve", "console"]
@@ -148,11 +157,7 @@ def test_pvbus_serve_console_process(tmp_path: Path) -> None:
     argv += ["--port", f"file:{tmp_path / 'log'},name=org.pvbus.log"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 15
-        while not vhost.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_listening(proc, vhost)
         host = connect_host(tmp_path / "c")
         with ConsoleClient.connect(str(vhost)) as client:
             client.wait_ready()
@@ -183,11 +188,7 @@ def test_stdio_port_on_a_file_or_dev_null(tmp_path: Path, source: str) -> None:
     ):
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 15
-        while not vhost.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_listening(proc, vhost)
         with ConsoleClient.connect(str(vhost)) as client:
             client.wait_ready()
             if source == "file":
