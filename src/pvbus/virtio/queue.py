@@ -61,6 +61,16 @@ class Virtqueue(Protocol):
     def pending(self, mem: GuestMemory) -> int:
         """How many chains the driver has made available and the device not yet taken."""
 
+    def has_available(self, mem: GuestMemory) -> bool:
+        """Whether the driver has made a chain available that the device has not taken."""
+
+    def want_more(self, mem: GuestMemory) -> bool:
+        """Ask for a kick once the driver makes available more than it has now; ``True``
+        when it already did (2.7.10, 2.8.10)."""
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains taken (nothing was returned since)."""
+
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """Take the next available chain, or ``None`` when the ring is empty."""
 

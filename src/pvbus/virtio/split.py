@@ -223,6 +223,27 @@ class SplitQueue:
             raise QueueError(f"available index runs {n} ahead of a queue of {self.size}")
         return n
 
+    def has_available(self, mem: GuestMemory) -> bool:
+        """Whether the driver has made a chain available that the device has not taken."""
+        return self.avail_idx(mem) != self.next_avail
+
+    def want_more(self, mem: GuestMemory) -> bool:
+        """Ask for a kick once the driver makes available more than it has now (a device
+        that found the available chains too few, e.g. merged receive buffers for a frame):
+        avail_event is the driver's current index rather than ours (2.7.10). Returns ``True``
+        when the driver already added more, so the caller tries again (the re-check after
+        enabling closes the race)."""
+        ours = self.next_avail
+        self.next_avail = self.avail_idx(mem)
+        try:
+            return self.set_notification(mem, True)
+        finally:
+            self.next_avail = ours
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains taken (nothing was returned since)."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """Take the next available chain, or ``None`` when the ring is empty."""
         if mem is not self._mem:

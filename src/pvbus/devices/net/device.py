@@ -54,9 +54,8 @@ from pvbus.virtio.buffers import gather, skip
 from pvbus.virtio.constants import F_VERSION_1, DeviceId, bit
 from pvbus.virtio.errors import GuestMemoryError, QueueError
 from pvbus.virtio.memory import GuestMemory
-from pvbus.virtio.packed import PackedQueue
 from pvbus.virtio.queue import Virtqueue
-from pvbus.virtio.split import DescriptorChain, Popped, SplitQueue
+from pvbus.virtio.split import DescriptorChain, Popped
 
 __all__ = [
     "CTRL_ERR",
@@ -569,7 +568,7 @@ class NetDevice(VirtioDevice):
                 filled = self._fill_burst(cast(BatchBackend, backend), ready[0], touched)
             starved = filled == _FILL_STARVED
             if filled == _FILL_GENERAL:
-                # The frames fill_frames could not place, or (with none left) the backend's
+                # The frames fill_batch could not place, or (with none left) the backend's
                 # "nothing waiting", which disarms its wake-up.
                 self._receive_burst(backend, ready[0], touched)
         elif backend is not None:
@@ -635,8 +634,8 @@ class NetDevice(VirtioDevice):
                 touched.add(index)
                 if start + placed == len(batch):
                     continue
-            if not _has_chains(queue, mem):  # out of receive chains
-                if not _want_kick(queue, mem):
+            if not queue.has_available(mem):  # out of receive chains
+                if not queue.want_more(mem):
                     return _FILL_STARVED
                 continue  # buffers came meanwhile
             if not placed:
@@ -710,7 +709,7 @@ class NetDevice(VirtioDevice):
                     if chain is not None:
                         self._rx_fast = False
                 # The general case: chains back, used ones out, then this frame as before.
-                _unpop(queue, len(stash) - taken)
+                queue.unpop(len(stash) - taken)
                 stash = []
                 taken = 0
                 if used:
@@ -723,7 +722,7 @@ class NetDevice(VirtioDevice):
                 if result >= 0:
                     touched.add(result)
         finally:
-            _unpop(queue, len(stash) - taken)
+            queue.unpop(len(stash) - taken)
             if used:
                 queue.add_used_many(mem, used)
             stats = self.stats
@@ -776,7 +775,7 @@ class NetDevice(VirtioDevice):
                 result = self._place(queue, mem, frame)
                 if result != -1:
                     break
-                if not _want_kick(queue, mem):
+                if not queue.want_more(mem):
                     return -1
         except GuestMemoryError as err:
             self.stats.rx_errors += 1
@@ -815,7 +814,7 @@ class NetDevice(VirtioDevice):
         while room < need and self.mrg_rxbuf:
             more = pop(mem)
             if more is None:
-                _unpop(queue, len(chains))
+                queue.unpop(len(chains))
                 return -1
             chains.append(more)
             if more.readable or not more.writable:
@@ -825,7 +824,7 @@ class NetDevice(VirtioDevice):
             room += more.writable_len
         if room < need:
             # Without MRG_RXBUF the driver promised big enough buffers (5.1.6.3.1).
-            _unpop(queue, len(chains))
+            queue.unpop(len(chains))
             self.stats.rx_dropped += 1
             self._warn("rx-small", f"receive buffers of {room} bytes for a frame of {need}")
             return -2
@@ -953,45 +952,9 @@ class NetDevice(VirtioDevice):
         return CTRL_OK
 
 
-def _want_kick(queue: Virtqueue, mem: GuestMemory) -> bool:
-    """Out of room: ask for a kick once the driver adds buffers beyond those it has now.
-
-    With MRG_RXBUF some buffers may be there, just not enough, so avail_event must be the
-    driver's current index rather than ours (2.7.10; a packed ring names the descriptor after
-    the available ones, 2.8.10). Returns ``True`` when the driver added more meanwhile
-    (re-check after enabling, to close the race).
-    """
-    if isinstance(queue, PackedQueue):
-        return queue.want_more(mem)
-    assert isinstance(queue, SplitQueue)
-    seen = queue.avail_idx(mem)
-    ours = queue.next_avail
-    queue.next_avail = seen
-    try:
-        return queue.set_notification(mem, True)
-    finally:
-        queue.next_avail = ours
-
-
 def _unsent(parts: Sequence[memoryview]) -> bool:
     """Stands in for the send of a missing backend (the fast path is off then)."""
     return False
-
-
-def _unpop(queue: Virtqueue, count: int) -> None:
-    """Give back the last ``count`` chains popped (nothing was published for them)."""
-    if isinstance(queue, PackedQueue):
-        queue.unpop(count)
-    else:
-        queue.next_avail = (queue.next_avail - count) & 0xFFFF
-
-
-def _has_chains(queue: Virtqueue, mem: GuestMemory) -> bool:
-    """Whether the driver has made a chain available that the device has not taken."""
-    if isinstance(queue, PackedQueue):
-        return queue.has_available(mem)
-    assert isinstance(queue, SplitQueue)
-    return queue.avail_idx(mem) != queue.next_avail
 
 
 def _flow_key(frame: bytes) -> bytes:
