@@ -35,7 +35,7 @@ class FrameBatch:
 
     def __init__(self, data: bytes | bytearray, ends: bytes) -> None:
         view = memoryview(ends).cast("I")
-        if len(view) and (view[-1] > len(data)):
+        if len(view) and view[-1] > len(data):
             raise ValueError("frame ends past the data")
         self.data = data
         #: End offsets as bytes (what the C loops take).
@@ -75,9 +75,8 @@ class FrameBatch:
         return [self.frame(i) for i in range(start, len(self) if stop is None else stop)]
 
     def head(self, count: int) -> FrameBatch:
-        """The first ``count`` frames as a batch of their own."""
+        """The first ``count`` frames as a batch of their own, on the same data (no copy: a
+        recycled buffer stays one)."""
         if count >= len(self):
             return self
-        return FrameBatch(
-            self.data[: self._ends[count - 1] if count else 0], self.ends[: 4 * count]
-        )
+        return FrameBatch(self.data, self.ends[: 4 * count])
