@@ -38,6 +38,7 @@ from pvbus.bus._stats import DeviceSnapshot, StatsBlock
 from pvbus.bus._worker import worker_argv
 from pvbus.virtio.constants import DeviceStatus
 from pvbus.vm import Vm, VmConfig, VmError
+from pvbus.vm.qemu import reconnect_setting
 from pvbus.vm.runner import INIT_READY
 
 log = logging.getLogger("pvbus.bus")
@@ -867,13 +868,11 @@ class Bus:
                 return
             log.info("device %s: a new worker serves VM %s", dev.id, dev.vm)
 
-    async def _reconnect(self, rec: VmRecord) -> dict[str, Any]:
-        """The socket chardev's reconnect option for this QEMU (``reconnect-ms`` from 9.2)."""
+    async def _reconnect(self, rec: VmRecord) -> dict[str, int]:
+        """The socket chardev's reconnect setting for this VM's QEMU."""
         version: dict[str, Any] = await rec.qmp.execute("query-version")  # type: ignore[assignment]
         qemu = version["qemu"]
-        if (qemu["major"], qemu["minor"]) >= (9, 2):
-            return {"reconnect-ms": _RECONNECT_MS}
-        return {"reconnect": 1}
+        return reconnect_setting(_RECONNECT_MS, (qemu["major"], qemu["minor"]))
 
     def _diff(self, dev: DeviceRecord, old: DeviceSnapshot, new: DeviceSnapshot) -> None:
         """Events for what changed between two snapshots of one device."""

@@ -45,6 +45,7 @@ __all__ = [
     "kernel_cmdline",
     "qemu_argv",
     "reconnect_option",
+    "reconnect_setting",
 ]
 
 TRANSPORTS = ("pci", "mmio", "ccw")
@@ -221,13 +222,19 @@ def _serial_device(transport: str) -> str:
     ]
 
 
-def reconnect_option(reconnect_ms: int, qemu_version: tuple[int, int]) -> str:
-    """The socket chardev's reconnect option: ``reconnect-ms`` from QEMU 9.2, else seconds."""
+def reconnect_setting(reconnect_ms: int, qemu_version: tuple[int, int]) -> dict[str, int]:
+    """The socket chardev's reconnect setting: ``reconnect-ms`` from QEMU 9.2, else seconds
+    (none for ``reconnect_ms <= 0``); as QMP's ``chardev-add`` takes it."""
     if reconnect_ms <= 0:
-        return ""
+        return {}
     if qemu_version >= (9, 2):
-        return f",reconnect-ms={reconnect_ms}"
-    return f",reconnect={max(1, round(reconnect_ms / 1000))}"
+        return {"reconnect-ms": reconnect_ms}
+    return {"reconnect": max(1, round(reconnect_ms / 1000))}
+
+
+def reconnect_option(reconnect_ms: int, qemu_version: tuple[int, int]) -> str:
+    """:func:`reconnect_setting` as ``-chardev`` options (``,reconnect-ms=200``)."""
+    return "".join(f",{k}={v}" for k, v in reconnect_setting(reconnect_ms, qemu_version).items())
 
 
 def qemu_argv(
