@@ -106,31 +106,35 @@ class _Publisher:
         self.interval = PUBLISH_INTERVAL
         self._seen: tuple[object, ...] = ()
 
+    def _state(self) -> tuple[int, bool, bool, int, int]:
+        """(status, needs_reset, connected, connections, rings_started), as the block holds them."""
+        session = self.server.session
+        if session is None:
+            return 0, False, False, self.server.connections, 0
+        started = sum(r.started for r in session.rings)
+        return session.status, session.needs_reset, True, self.server.connections, started
+
     def _signature(self) -> tuple[object, ...]:
         """What a publication would show, cheaply: the state and the counters that move."""
-        session = self.server.session
         stats = self.device.queue_stats
         return (
-            session,
-            session.status if session is not None else 0,
-            session.needs_reset if session is not None else False,
-            sum(r.started for r in session.rings) if session is not None else 0,
-            self.server.connections,
+            self.server.session,
+            *self._state(),
             sum(q.kicks + q.requests + q.calls + q.errors + q.coalesced for q in stats),
         )
 
     def publish(self) -> None:
-        session = self.server.session
         queues = self.device.queues
         in_flight = [(q.next_avail - q.next_used) & 0xFFFF if q.ready else 0 for q in queues]
+        status, needs_reset, connected, connections, rings_started = self._state()
         self.block.publish(
             self.device.queue_stats,
             in_flight,
-            status=session.status if session is not None else 0,
-            needs_reset=session.needs_reset if session is not None else False,
-            connected=session is not None,
-            connections=self.server.connections,
-            rings_started=sum(r.started for r in session.rings) if session is not None else 0,
+            status=status,
+            needs_reset=needs_reset,
+            connected=connected,
+            connections=connections,
+            rings_started=rings_started,
         )
 
     def tick(self) -> None:
