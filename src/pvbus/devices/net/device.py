@@ -344,35 +344,32 @@ class NetDevice(VirtioDevice):
             # holding a header that asks for nothing and a frame of a valid size, for one live
             # backend that takes bursts and no steering to remember.
             backend = self.backend
+            hdr_len = self.hdr_len
+            taken = 0
             if self.pairs == 1 and hasattr(backend, "send_batch"):
                 # A backend that keeps frames: copied into one of its buffers in one pass.
                 keeper = cast(BatchBackend, backend)
                 batch, heads = queue.pop_batch(
-                    mem, keeper.buffer(), _TX_FRAMES, skip=self.hdr_len,
-                    min_len=self.hdr_len + ETH_HLEN, max_len=self.hdr_len + MAX_FRAME,
-                    zero_prefix=2,
+                    mem, keeper.buffer(), _TX_FRAMES, skip=hdr_len, min_len=hdr_len + ETH_HLEN,
+                    max_len=hdr_len + MAX_FRAME, zero_prefix=2,
                 )  # fmt: skip
                 self._send_frame_batch(batch, keeper)  # no frames: the buffer goes back
-                if heads:
-                    queue.add_used_heads(mem, heads)
-                    done += len(batch)
-                    if done >= DRAIN_WEIGHT:
-                        return done  # drain() lets the receive side and the rest run
-                    continue
+                taken = len(batch)
             elif self.pairs == 1 and hasattr(backend, "send_burst"):
                 # Views of guest memory, for a backend done with them when send_burst returns.
-                hdr_len = self.hdr_len
                 frames, heads = queue.pop_frames(
                     mem, _TX_FRAMES, skip=hdr_len, min_len=hdr_len + ETH_HLEN,
                     max_len=hdr_len + MAX_FRAME, zero_prefix=2,
                 )  # fmt: skip
                 if frames:
                     self._send_batch(frames, cast(BurstBackend, backend).send_burst)
-                    queue.add_used_heads(mem, heads)
-                    done += len(frames)
-                    if done >= DRAIN_WEIGHT:
-                        return done  # drain() lets the receive side and the rest run
-                    continue
+                taken = len(frames)
+            if taken:
+                queue.add_used_heads(mem, heads)
+                done += taken
+                if done >= DRAIN_WEIGHT:
+                    return done  # drain() lets the receive side and the rest run
+                continue
             # Then whatever stopped that loop (or all of it, without it), chain by chain.
             burst = pop_burst(mem, _TX_BURST)
             if not burst:
